@@ -1,0 +1,160 @@
+"""Checkpoints that load without running pickled code, and that are never used half-written.
+
+A checkpoint is a directory ``RUN/checkpoint_<step>`` holding
+
+    model.pt   torch.save of plain tensors and numbers: model and optimizer state dicts, step,
+               elapsed seconds. Loaded with ``torch.load(weights_only=True)`` only.
+    meta.json  step, metrics, the train and model configs, the vocabulary, and the size and
+               SHA-256 of model.pt. A checkpoint whose model.pt does not match is skipped.
+
+``RUN`` alone means its best checkpoint (lowest validation bpc; the latest when none has one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lstmgen import storage
+from lstmgen.corpus import Vocab
+from lstmgen.errors import LstmgenError
+from lstmgen.model import CharLSTM, ModelConfig
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:07d}"
+
+
+def save(directory: str, state: dict, meta: dict) -> None:
+    """Write a checkpoint into a local directory (Ray Train then persists it)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    meta = dict(meta, files={"model.pt": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}})
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / "model.pt").write_bytes(data)
+    (Path(directory) / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+
+
+@dataclass
+class Entry:
+    path: str
+    step: int
+    meta: dict = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def val_bpc(self) -> float | None:
+        return self.meta.get("metrics", {}).get("val_bpc")
+
+
+def list_checkpoints(run: str) -> list[Entry]:
+    """The run's checkpoints in step order; ones without a readable meta.json carry ``error``."""
+    entries = []
+    for child in storage.list_dir(run):
+        name = Path(child.path).name
+        m = CHECKPOINT_RE.match(name)
+        if not m or child.type.name != "Directory":
+            continue
+        path = storage.join(run, name)
+        try:
+            meta = json.loads(storage.read_text(storage.join(path, "meta.json")))
+            entries.append(Entry(path, int(m.group(1)), meta))
+        except (LstmgenError, ValueError) as exc:
+            entries.append(Entry(path, int(m.group(1)), error=f"incomplete ({exc})"))
+    return sorted(entries, key=lambda e: e.step)
+
+
+def best(entries: list[Entry]) -> Entry | None:
+    good = [e for e in entries if not e.error]
+    scored = [e for e in good if e.val_bpc is not None]
+    if scored:
+        return min(scored, key=lambda e: (e.val_bpc, -e.step))
+    return good[-1] if good else None
+
+
+def resolve(path: str) -> str:
+    """A run directory -> its best checkpoint; a checkpoint directory -> itself."""
+    if storage.exists(storage.join(path, "meta.json")):
+        return path
+    if not storage.exists(path):
+        raise LstmgenError(f"{path}: no such checkpoint or run directory")
+    chosen = best(list_checkpoints(path))
+    if chosen is None:
+        raise LstmgenError(f"{path}: no complete checkpoint in this run directory")
+    return chosen.path
+
+
+@dataclass
+class Loaded:
+    path: str
+    meta: dict
+    state: dict
+    vocab: Vocab
+
+    def model(self, device: str = "cpu", cell: str | None = None) -> CharLSTM:
+        cfg = ModelConfig(**self.meta["model"])
+        if cell:
+            cfg.cell = cell
+        model = CharLSTM(cfg)
+        try:
+            model.load_state_dict(self.state["model"])
+        except (RuntimeError, KeyError) as exc:
+            raise LstmgenError(f"{self.path}: model weights do not match its config ({str(exc).splitlines()[0]})") from exc
+        return model.to(device).eval()
+
+
+def load(path: str, map_location: str = "cpu") -> Loaded:
+    """Load a checkpoint (or a run's best) safely; one clear error for anything wrong."""
+    path = resolve(path)
+    try:
+        meta = json.loads(storage.read_text(storage.join(path, "meta.json")))
+        vocab = Vocab(meta["vocab"])
+        expected = meta["files"]["model.pt"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LstmgenError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
+    data = storage.read_bytes(storage.join(path, "model.pt"))
+    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise LstmgenError(f"{path}: model.pt is truncated or corrupt (size/SHA-256 differ from meta.json)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise LstmgenError(f"{path}: refused to load model.pt: not a plain-tensor checkpoint ({str(exc).splitlines()[0]})") from exc
+    return Loaded(path, meta, state, vocab)
+
+
+def check_vocab(loaded: Loaded, data: str) -> None:
+    """Refuse to pair a checkpoint with data prepared under another vocabulary."""
+    data_vocab = Vocab.from_json(storage.read_text(storage.join(data, "vocab.json")))
+    if data_vocab != loaded.vocab:
+        raise LstmgenError(
+            f"{loaded.path}: checkpoint vocabulary ({len(loaded.vocab)} chars) does not match {data} "
+            f"({len(data_vocab)} chars); prepare the data with the corpus the model was trained on"
+        )
+
+
+def copy_verified(src: str, dst: str) -> tuple[int, int]:
+    """Copy a run or checkpoint directory (local <-> S3), then check every file's size and
+    SHA-256 at the destination. Returns (files, bytes)."""
+    files = storage.walk(src)
+    if not files:
+        raise LstmgenError(f"{src}: nothing to copy")
+    storage.copy_tree(src, dst)
+    copied = storage.walk(dst)
+    for rel, size in files.items():
+        if copied.get(rel) != size:
+            raise LstmgenError(f"{dst}/{rel}: size differs after copy ({copied.get(rel)} != {size})")
+        a = hashlib.sha256(storage.read_bytes(storage.join(src, rel))).hexdigest()
+        b = hashlib.sha256(storage.read_bytes(storage.join(dst, rel))).hexdigest()
+        if a != b:
+            raise LstmgenError(f"{dst}/{rel}: SHA-256 differs after copy")
+    return len(files), sum(files.values())

@@ -1,0 +1,276 @@
+"""The ``lstmgen`` command line (Typer).
+
+Each job command builds its config dataclass and runs the job on an embedded local Ray (or the
+cluster in ``--address`` / ``RAY_ADDRESS``). ``lstmgen submit JOB ...`` sends the same command to
+a cluster's job server instead. Errors a user can fix print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Optional
+
+import typer
+
+from lstmgen import __version__, storage
+from lstmgen.config import (
+    PRESETS,
+    WIKITEXT2_SHA256,
+    WIKITEXT2_URL,
+    EvaluateConfig,
+    GenerateConfig,
+    PrepareConfig,
+    SampleConfig,
+    train_config,
+)
+from lstmgen.errors import LstmgenError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train a character-level LSTM on Wikipedia text with Ray, and generate articles.")
+checkpoints_app = typer.Typer(no_args_is_help=True, help="List and copy a run's checkpoints.")
+app.add_typer(checkpoints_app, name="checkpoints")
+
+S3_ENDPOINT = typer.Option(None, "--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+ADDRESS = typer.Option(None, "--address", help="Run on this Ray cluster instead of an embedded one (GCS address).")
+
+
+def _setup(s3_endpoint: Optional[str], address: Optional[str] = None, workers: int = 0, ray: bool = True) -> None:
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    if ray:
+        from lstmgen.runtime import init_ray
+
+        init_ray(workers=workers, address=address)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lstmgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def prepare(
+    out: str = typer.Option(..., "--out", help="Output directory (local or s3://)."),
+    corpus: Optional[list[str]] = typer.Option(None, "--corpus", help="Corpus file(s) or a WikiText directory; "
+                                               "repeat for several files. Default: download WikiText-2 raw."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Characters per training window."),
+    valid_fraction: float = typer.Option(0.1, "--valid-fraction", help="Tail fraction held out when no valid split is given."),
+    chunk_mb: float = typer.Option(16.0, "--chunk-mb", help="Bytes of corpus per Ray Data task (MiB)."),
+    url: str = typer.Option(WIKITEXT2_URL, "--url", envvar="LSTMGEN_WIKITEXT_URL", help="WikiText archive URL."),
+    sha256: str = typer.Option(WIKITEXT2_SHA256, "--sha256", envvar="LSTMGEN_WIKITEXT_SHA256", help="Expected SHA-256 of the archive."),
+    cache_dir: str = typer.Option("~/.cache/lstmgen", "--cache-dir", envvar="LSTMGEN_CACHE", help="Download cache."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace prepared data already at --out."),
+    s3_endpoint: Optional[str] = S3_ENDPOINT,
+    address: Optional[str] = ADDRESS,
+) -> None:
+    """Corpus -> vocabulary + Parquet windows (train/, valid/, test/, vocab.json, manifest.json)."""
+    cfg = PrepareConfig(out=storage.absolute(out), corpus=[storage.absolute(c) for c in corpus or []], seq_len=seq_len, valid_fraction=valid_fraction,
+                        chunk_mb=chunk_mb, url=url, sha256=sha256, cache_dir=cache_dir, overwrite=overwrite)
+    _setup(s3_endpoint, address)
+    from lstmgen.prepare import prepare as run_prepare
+
+    run_prepare(cfg)
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., "--data", help="Directory written by lstmgen prepare."),
+    run: str = typer.Option(..., "--run", help="Run directory for checkpoints and metrics (local or s3://)."),
+    preset: str = typer.Option("", "--preset", help=f"Named recipe: {', '.join(PRESETS)}. Flags override it."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data-parallel Ray Train workers. [default: 2]"),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="One GPU per worker. [default: cpu]"),
+    cell: Optional[str] = typer.Option(None, "--cell", help="explicit (gates in Python) or fused (nn.LSTM/cuDNN)."),
+    embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size. [default: 64]"),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="LSTM hidden size. [default: 512]"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="LSTM layers. [default: 1]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout. [default: 0.1]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per worker per step. [default: 32]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: 4e-3]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay. [default: 0.01]"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps. [default: 100]"),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clip. [default: 1.0]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps. [default: 3000]"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Also stop after this many minutes (0: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed. [default: 0]"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. [default: 250]"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps (default: with each evaluation)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Progress line every N steps. [default: 25]"),
+    val_chars: Optional[int] = typer.Option(None, "--val-chars", help="Validation characters scored in training."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Best checkpoints kept (plus the latest). [default: 3]"),
+    max_failures: Optional[int] = typer.Option(None, "--max-failures", help="Worker-group restarts allowed. [default: 2]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run at --run from its latest checkpoint."),
+    s3_endpoint: Optional[str] = S3_ENDPOINT,
+    address: Optional[str] = ADDRESS,
+) -> None:
+    """Train the LSTM with Ray Train; checkpoints, metrics.jsonl and loss.png go to --run."""
+    flags = dict(workers=workers, gpu=gpu, cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
+                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, clip=clip,
+                 max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
+                 checkpoint_every=checkpoint_every, log_every=log_every, val_chars=val_chars, keep=keep, max_failures=max_failures)
+    cfg = train_config(preset, data=storage.absolute(data), run=storage.absolute(run), resume=resume, **flags)
+    _setup(s3_endpoint, address, workers=cfg.workers)
+    from lstmgen.train import train as run_train
+
+    metrics = run_train(cfg)
+    typer.echo(f"train: done at step {metrics.get('step')}, validation {metrics.get('val_bpc', float('nan')):.3f} bpc; "
+               f"lstmgen report {run}")
+
+
+@app.command()
+def generate(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="Run directory (its best checkpoint) or one checkpoint."),
+    prime: str = typer.Option("\n", "--prime", help="Text to start from."),
+    article: str = typer.Option("", "--article", help="Write an article: prime with the heading ' = TITLE = '."),
+    primes_file: str = typer.Option("", "--primes-file", help="One prime per line (or JSONL); runs a batch job."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Samples per prime (batch job)."),
+    out: str = typer.Option("", "--out", help="Batch output file, .jsonl or .parquet (local or s3://)."),
+    fmt: str = typer.Option("", "--format", help="jsonl or parquet (default: from --out)."),
+    length: int = typer.Option(500, "--length", help="Maximum characters to generate per sample."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Softmax temperature (> 0)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely characters (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1] (1: off)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely character."),
+    seed: int = typer.Option(0, "--seed", help="Job seed; each sample's own seed is derived from it and written out."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop a sample when it produces this string (repeatable)."),
+    until_next_article: bool = typer.Option(False, "--until-next-article", help="Stop where the next ' = Title = ' starts."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Rows generated together by one actor."),
+    concurrency: int = typer.Option(2, "--concurrency", help="Generation actors."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    s3_endpoint: Optional[str] = S3_ENDPOINT,
+    address: Optional[str] = ADDRESS,
+) -> None:
+    """Stream one sample to the terminal, or (with --primes-file/--out) run a batch generation job."""
+    sampling = SampleConfig(length=length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                            seed=seed, stop=list(stop or []), until_next_article=until_next_article)
+    cfg = GenerateConfig(checkpoint=storage.absolute(checkpoint), prime=prime.replace("\\n", "\n"), article=article,
+                         primes_file=storage.absolute(primes_file), num_samples=num_samples, out=storage.absolute(out), format=fmt,
+                         batch_size=batch_size, concurrency=concurrency, gpu=gpu, overwrite=overwrite,
+                         sampling=sampling)
+    from lstmgen import generate as gen
+
+    if cfg.out or cfg.primes_file or cfg.num_samples > 1:
+        if not cfg.out:
+            raise LstmgenError("a batch job (--primes-file or --num-samples > 1) needs --out FILE.jsonl|.parquet")
+        _setup(s3_endpoint, address, workers=concurrency)
+        gen.generate_job(cfg)
+    else:
+        _setup(s3_endpoint, ray=False)
+        gen.stream(cfg)
+
+
+@app.command()
+def evaluate(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="Run directory (its best checkpoint) or one checkpoint."),
+    data: str = typer.Option(..., "--data", help="Directory written by lstmgen prepare."),
+    split: str = typer.Option("valid", "--split", help="train, valid or test."),
+    streams: int = typer.Option(16, "--streams", help="Parallel rows the split is cut into."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    s3_endpoint: Optional[str] = S3_ENDPOINT,
+) -> None:
+    """Bits per character of a checkpoint on a prepared split, state carried through the text."""
+    _setup(s3_endpoint, ray=False)
+    from lstmgen.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(EvaluateConfig(checkpoint=checkpoint, data=data, split=split, streams=streams))
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{result['split']}: {result['bpc']:.4f} bits per character over {result['chars']:,} chars "
+                   f"(step {result['step']}, {result['checkpoint']})")
+
+
+@app.command()
+def report(run: str = typer.Argument(..., help="Run directory."), s3_endpoint: Optional[str] = S3_ENDPOINT) -> None:
+    """Summary of a run and the path of its loss curve (loss.png)."""
+    _setup(s3_endpoint, ray=False)
+    from lstmgen.report import summary
+
+    typer.echo(summary(run))
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(run: str = typer.Argument(..., help="Run directory (local or s3://)."),
+                     s3_endpoint: Optional[str] = S3_ENDPOINT) -> None:
+    """A table of the run's checkpoints: step, validation bpc, size, which is best and latest."""
+    _setup(s3_endpoint, ray=False)
+    from lstmgen import checkpoint as ck
+
+    if not storage.exists(run):
+        raise LstmgenError(f"{run}: no such run directory")
+    entries = ck.list_checkpoints(run)
+    if not entries:
+        raise LstmgenError(f"{run}: no checkpoints")
+    chosen, latest = ck.best(entries), max(e.step for e in entries if not e.error) if any(not e.error for e in entries) else None
+    typer.echo(f"{'step':>8}  {'val bpc':>8}  {'size':>9}  {'':11}  path")
+    for e in entries:
+        size = sum(f.size for f in storage.list_dir(e.path) if f.type.name == "File")
+        tags = ",".join(t for t, on in (("best", e is chosen), ("latest", e.step == latest)) if on) or e.error
+        bpc = f"{e.val_bpc:8.4f}" if e.val_bpc is not None else f"{'-':>8}"
+        typer.echo(f"{e.step:8d}  {bpc}  {size / 1e6:7.2f}MB  {tags:11}  {e.path}")
+
+
+@checkpoints_app.command("copy")
+def checkpoints_copy(src: str = typer.Argument(..., help="Run or checkpoint directory."),
+                     dst: str = typer.Argument(..., help="Destination directory (local or s3://)."),
+                     s3_endpoint: Optional[str] = S3_ENDPOINT) -> None:
+    """Copy a run or one checkpoint between local disk and S3, verified file by file."""
+    _setup(s3_endpoint, ray=False)
+    from lstmgen.checkpoint import copy_verified
+
+    files, size = copy_verified(src, dst)
+    typer.echo(f"copied {files} file(s), {size / 1e6:.2f} MB: {src} -> {dst} (sizes and SHA-256 verified)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def user_error(exc: BaseException) -> Optional[LstmgenError]:
+    """Find the user-facing error inside Ray's wrappers (task, actor and training failures)."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, LstmgenError) and type(e) is LstmgenError:
+            return e
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            stack.append(cause)
+        for attr in ("worker_failures", "_worker_failures"):
+            failures = getattr(e, attr, None)
+            if isinstance(failures, dict):
+                stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+        stack.extend([e.__cause__, e.__context__])
+    return None
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into a line
+        if os.environ.get("LSTMGEN_DEBUG"):
+            traceback.print_exc()
+        found = user_error(exc)
+        message = str(found) if found else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""One dataclass per job. The CLI builds them from flags, the ``jobs/`` entrypoints reuse the CLI,
+and Ray workers receive them as plain dicts (``asdict``), so a config crosses process and cluster
+boundaries without pickling code. Validation lives here, next to the fields it checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from lstmgen.errors import LstmgenError
+
+# The original release (research.metamind.io) is mirrored byte for byte by ggml-org/ci on Hugging Face.
+WIKITEXT2_URL = "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip"
+# SHA-256 of wikitext-2-raw-v1.zip (4,721,645 bytes). Override with --sha256 or LSTMGEN_WIKITEXT_SHA256.
+WIKITEXT2_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
+
+
+@dataclass
+class PrepareConfig:
+    out: str
+    corpus: list[str] = field(default_factory=list)  # empty: download WikiText-2 raw
+    seq_len: int = 64
+    valid_fraction: float = 0.1
+    chunk_mb: float = 16.0
+    url: str = WIKITEXT2_URL
+    sha256: str = WIKITEXT2_SHA256
+    cache_dir: str = "~/.cache/lstmgen"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise LstmgenError(f"--seq-len must be at least 2 (got {self.seq_len})")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise LstmgenError(f"--valid-fraction must be in [0, 1) (got {self.valid_fraction})")
+        if not self.chunk_mb > 0:
+            raise LstmgenError(f"--chunk-mb must be positive (got {self.chunk_mb})")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    run: str
+    workers: int = 2
+    gpu: bool = False
+    # model
+    cell: str = "explicit"  # "explicit" (gates written out) or "fused" (torch.nn.LSTM / cuDNN)
+    embed: int = 64
+    hidden: int = 512
+    layers: int = 1
+    dropout: float = 0.1
+    # optimisation; batch_size is per worker, in windows of seq_len characters
+    batch_size: int = 32
+    lr: float = 4e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    clip: float = 1.0
+    max_steps: int = 3000
+    max_minutes: float = 0.0  # > 0: stop (and finish the LR schedule) after this much wall time
+    seed: int = 0
+    # bookkeeping
+    eval_every: int = 250
+    checkpoint_every: int = 0  # 0: with every evaluation
+    keep: int = 3
+    val_chars: int = 262144  # validation characters scored during training (evaluate scores all)
+    log_every: int = 25
+    max_failures: int = 2
+    resume: bool = False
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.workers >= 1, f"--workers must be at least 1 (got {self.workers})"),
+            (self.cell in ("explicit", "fused"), f"--cell must be explicit or fused (got {self.cell!r})"),
+            (self.hidden >= 1 and self.embed >= 1 and self.layers >= 1, "--hidden/--embed/--layers must be >= 1"),
+            (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
+            (self.eval_every >= 1, f"--eval-every must be at least 1 (got {self.eval_every})"),
+            (self.keep >= 1, f"--keep must be at least 1 (got {self.keep})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LstmgenError(message)
+
+    @property
+    def every_checkpoint(self) -> int:
+        return self.checkpoint_every or self.eval_every
+
+
+# Named recipes. Explicit flags override them. Figures in README "Results".
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden=128, embed=32, batch_size=16, max_steps=200, eval_every=50, warmup_steps=20),
+    "cpu-10min": dict(hidden=512, layers=1, embed=64, batch_size=32, lr=4e-3, max_minutes=10.0, max_steps=100000),
+    "best": dict(hidden=512, layers=2, embed=128, dropout=0.2, batch_size=32, lr=3e-3, weight_decay=0.1,
+                 max_minutes=60.0, max_steps=1000000, eval_every=500),
+}
+
+
+def train_config(preset: str = "", **flags) -> TrainConfig:
+    """Preset values first, then every flag the user actually gave (None means not given)."""
+    values: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise LstmgenError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return TrainConfig(preset=preset, **values)
+
+
+@dataclass
+class SampleConfig:
+    """Sampling controls shared by streaming and batch generation."""
+
+    length: int = 500
+    temperature: float = 0.8
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    greedy: bool = False
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    until_next_article: bool = False
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise LstmgenError(f"--length must be at least 1 (got {self.length})")
+        if not self.temperature > 0:
+            raise LstmgenError(f"--temperature must be > 0 (got {self.temperature})")
+        if self.top_k < 0:
+            raise LstmgenError(f"--top-k must be at least 1 (got {self.top_k})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LstmgenError(f"--top-p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str
+    prime: str = "\n"
+    primes_file: str = ""
+    article: str = ""
+    num_samples: int = 1
+    out: str = ""
+    format: str = ""  # jsonl or parquet; default from --out's extension
+    batch_size: int = 64
+    concurrency: int = 2
+    gpu: bool = False
+    overwrite: bool = False
+    sampling: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SampleConfig(**self.sampling)
+        if self.num_samples < 1:
+            raise LstmgenError(f"--num-samples must be at least 1 (got {self.num_samples})")
+        if self.batch_size < 1 or self.concurrency < 1:
+            raise LstmgenError("--batch-size and --concurrency must be at least 1")
+        if self.format and self.format not in ("jsonl", "parquet"):
+            raise LstmgenError(f"--format must be jsonl or parquet (got {self.format!r})")
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str
+    data: str
+    split: str = "valid"
+    streams: int = 16
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,58 @@
+"""What a run did: its metrics curve as a PNG in the run directory, and a short summary."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from lstmgen import checkpoint, storage
+from lstmgen.errors import LstmgenError
+
+
+def read_metrics(run: str) -> list[dict]:
+    path = storage.join(run, "metrics.jsonl")
+    if not storage.exists(path):
+        raise LstmgenError(f"{run}: no metrics.jsonl (not a run directory, or no evaluation yet)")
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def plot(history: list[dict], run: str) -> str:
+    """Training and validation bits per character against step -> RUN/loss.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [r["step"] for r in history]
+    ax.plot(steps, [r["train_bpc"] for r in history], label="train", marker=".")
+    if any("val_bpc" in r for r in history):
+        ax.plot(steps, [r.get("val_bpc") for r in history], label="validation", marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per character")
+    ax.set_title(run.rstrip("/").split("/")[-1])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    path = storage.join(run, "loss.png")
+    storage.write_bytes(path, buf.getvalue())
+    return path
+
+
+def summary(run: str) -> str:
+    history = read_metrics(run)
+    png = plot(history, run)
+    last = history[-1]
+    best_row = min(history, key=lambda r: r.get("val_bpc", float("inf")))
+    chosen = checkpoint.best(checkpoint.list_checkpoints(run))
+    lines = [
+        f"run          {run}",
+        f"steps        {last['step']}  ({last['elapsed_s'] / 60:.1f} min, {last['chars_per_s'] / 1e3:.1f}k chars/s at the end)",
+        f"train bpc    {last['train_bpc']:.3f} (last evaluation)",
+        f"valid bpc    {last.get('val_bpc', float('nan')):.3f} last, {best_row.get('val_bpc', float('nan')):.3f} best at step {best_row['step']}",
+        f"checkpoint   {chosen.path if chosen else '(none)'}",
+        f"plot         {png}",
+    ]
+    return "\n".join(lines)

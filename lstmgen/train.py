@@ -1,0 +1,259 @@
+"""Train job: Ray Train data-parallel workers over the explicit LSTM.
+
+Reads top to bottom: the driver checks the data and the run directory, hands Ray Train a Ray
+Data dataset of windows, and ``train_loop`` runs on every worker: build the model (restoring the
+latest checkpoint if Ray Train hands one back after a failure or ``--resume``), then loop over
+shuffled batches with AdamW, warmup + cosine LR and gradient clipping; every ``eval_every`` steps
+rank 0 measures validation bits per character, writes ``metrics.jsonl`` and ``loss.png`` into the
+run directory, and a checkpoint is reported to Ray Train, which keeps the best ``keep`` by
+validation bpc plus the latest.
+
+On restart the step counter, optimizer state and LR schedule continue from the checkpoint; the
+data order does not replay: each (re)started epoch is a fresh shuffle, so a resumed run samples
+windows as if the epoch had been reshuffled at the failure point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lstmgen import checkpoint, storage
+from lstmgen.config import TrainConfig
+from lstmgen.corpus import Vocab
+from lstmgen.errors import LstmgenError
+from lstmgen.evaluate import stream_bpc
+from lstmgen.model import CharLSTM, ModelConfig, bits_per_char
+from lstmgen.windows import collate, split_stream
+
+MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
+RESUMABLE = ("max_steps", "max_minutes", "workers", "gpu", "max_failures", "eval_every", "log_every", "keep")
+
+
+def train(cfg: TrainConfig) -> dict:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    manifest = _read_manifest(cfg.data)
+    for split in ("train", "valid"):
+        if split in manifest["splits"] and not storage.is_dir(storage.join(cfg.data, split)):
+            raise LstmgenError(f"{cfg.data}: the {split}/ directory named in manifest.json is missing")
+    vocab = Vocab.from_json(storage.read_text(storage.join(cfg.data, "vocab.json")))
+    storage.check_bucket(cfg.run)
+    cfg = _reconcile_run(cfg)
+
+    fs, run_path = storage.resolve(cfg.run)
+    storage_path, name = run_path.rsplit("/", 1)
+    data_fs, train_path = storage.resolve(storage.join(cfg.data, "train"))
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the workers print their own progress
+    ds = ray.data.read_parquet(train_path, filesystem=data_fs, columns=["ids", "length"])
+    if sum(s["bytes"] for s in manifest["sources"]) < MATERIALIZE_BYTES:
+        ds = ds.materialize().random_shuffle(seed=None)
+    else:
+        ds = ds.randomize_block_order()
+
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
+                   "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
+                   "threads": threads}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                               resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep, checkpoint_score_attribute="val_bpc", checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": ds},
+    )
+    print(f"train: {cfg.workers} worker(s) x batch {cfg.batch_size} x {manifest['seq_len']} chars -> {cfg.run}")
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})
+
+
+def _read_manifest(data: str) -> dict:
+    path = storage.join(data, "manifest.json")
+    if not storage.exists(path):
+        raise LstmgenError(f"{data}: no manifest.json; run lstmgen prepare --out {data} first")
+    return json.loads(storage.read_text(path))
+
+
+def _reconcile_run(cfg: TrainConfig) -> TrainConfig:
+    """A new run must not overwrite an old one; ``--resume`` continues it with its saved config
+    (only the limits in ``RESUMABLE`` may change)."""
+    saved_path = storage.join(cfg.run, "train_config.json")
+    has_run = storage.exists(saved_path)
+    if cfg.resume:
+        if not has_run:
+            raise LstmgenError(f"{cfg.run}: nothing to resume (no train_config.json)")
+        saved = json.loads(storage.read_text(saved_path))
+        given = asdict(cfg)
+        for key in RESUMABLE:
+            saved[key] = given[key] if given[key] != TrainConfig.__dataclass_fields__[key].default else saved[key]
+        saved.update(resume=True, data=cfg.data, run=cfg.run)
+        cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+    elif has_run:
+        raise LstmgenError(f"{cfg.run}: a run already exists here; pass --resume to continue it or choose another --run")
+    storage.write_text(saved_path, json.dumps(asdict(cfg), indent=1))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# On every worker
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``lr / 10`` as
+    ``progress`` (the larger of step and time fractions) goes to 1."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    vocab_tokens, seq_len = config["vocab"], config["seq_len"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+
+    model_cfg = ModelConfig(vocab_size=len(vocab_tokens), embed=cfg.embed, hidden=cfg.hidden,
+                            layers=cfg.layers, dropout=cfg.dropout, cell=cfg.cell)
+    model = CharLSTM(model_cfg)
+    step, elapsed, history, state = 0, 0.0, [], None
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
+            history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
+        model.load_state_dict(state["model"])
+        step, elapsed = state["step"], state["elapsed"]
+        if rank == 0:
+            print(f"train: resumed from step {step}")
+    model = ray.train.torch.prepare_model(model)
+    raw = model.module if hasattr(model, "module") else model
+    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in raw.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+
+    valid = split_stream(cfg.data, "valid", cfg.val_chars) if rank == 0 and config["has_valid"] else None
+    shard = ray.train.get_dataset_shard("train")
+    budget = cfg.max_minutes * 60
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    fail_at = int(os.environ.get("LSTMGEN_FAIL_AT_STEP", "0"))  # fault-injection hook for tests
+
+    def progress_now() -> float:
+        p = max(step / cfg.max_steps, (elapsed + time.time() - t_start) / budget if budget else 0.0)
+        if world > 1:  # every worker must agree on when to stop
+            t = torch.tensor([p], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            p = t.item()
+        return p
+
+    t_start = time.time()
+    window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
+    progress = progress_now()
+    while progress < 1.0:
+        batches = 0
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
+                                        local_shuffle_buffer_size=cfg.batch_size * 8):
+            batches += 1
+            x, y = (t.to(device, non_blocking=True) for t in collate(batch))
+            lr = lr_at(cfg, step, progress)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            with amp:
+                logits, _ = model(x)
+                loss = bits_per_char(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            step += 1
+            window_bits += loss.item()
+            window_steps += 1
+            window_chars += x.numel() * world
+            if fail_at and step == fail_at and _first_failure(cfg.run):
+                raise RuntimeError(f"injected failure at step {step} (LSTMGEN_FAIL_AT_STEP)")
+            progress = progress_now()
+            done = progress >= 1.0
+            if rank == 0 and (step % cfg.log_every == 0 or done):
+                rate = window_chars / max(1e-9, time.time() - t_window)
+                print(f"step {step:6d} | {100 * progress:5.1f}% | train {window_bits / window_steps:.3f} bpc"
+                      f" | lr {lr:.2e} | {rate / 1e3:.1f}k chars/s", flush=True)
+            if step % cfg.eval_every == 0 or step % cfg.every_checkpoint == 0 or done:
+                now = time.time()
+                row = {"step": step, "train_bpc": window_bits / max(1, window_steps), "lr": lr,
+                       "chars_per_s": window_chars / max(1e-9, now - t_window),
+                       "elapsed_s": elapsed + now - t_start}
+                if valid is not None:
+                    row["val_bpc"] = stream_bpc(raw, valid, device=str(device))
+                row.setdefault("val_bpc", row["train_bpc"])  # no valid split: rank by training loss
+                history.append(row)
+                _report(cfg, raw, opt, step, elapsed + now - t_start, row, history, vocab_tokens, model_cfg,
+                        rank, seq_len, save=(step % cfg.every_checkpoint == 0 or done))
+                window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
+            if done:
+                break
+        if batches == 0:
+            raise LstmgenError(f"{cfg.data}: too few training windows for one batch of {cfg.batch_size} per worker")
+
+
+def _report(cfg, raw, opt, step, elapsed, row, history, vocab_tokens, model_cfg, rank, seq_len, save) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(row)
+        return
+    print(f"step {step:6d} | valid {row['val_bpc']:.3f} bpc", flush=True)
+    storage.write_text(storage.join(cfg.run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+    try:
+        from lstmgen.report import plot
+
+        plot(history, cfg.run)
+    except Exception as exc:  # a plot must never stop training
+        print(f"train: could not plot ({exc})")
+    if not save:
+        ray.train.report(row)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed}
+        meta = {"step": step, "metrics": row, "history": history, "train": asdict(cfg),
+                "model": asdict(model_cfg), "vocab": vocab_tokens, "seq_len": seq_len}
+        checkpoint.save(d, state, meta)
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=checkpoint.checkpoint_name(step))
+
+
+def _first_failure(run: str) -> bool:
+    marker = storage.join(run, ".injected_failure")
+    if storage.exists(marker):
+        return False
+    storage.write_text(marker, "1")
+    return True
