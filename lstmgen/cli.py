@@ -170,6 +170,35 @@ def generate(
 
 
 @app.command()
+def pipeline(
+    corpus: Optional[list[str]] = typer.Option(None, "--corpus", help="Corpus file(s) or WikiText directory. "
+                                               "Default: download WikiText-2 raw."),
+    workdir: str = typer.Option("lstmgen-run", "--workdir", help="Where data/, run/ and the sample go."),
+    minutes: float = typer.Option(10.0, "--minutes", help="Training time budget."),
+    workers: int = typer.Option(2, "--workers", help="Ray Train workers."),
+    prime: str = typer.Option("I plan to make the world a better place", "--prime", help="Prime for the sample."),
+    length: int = typer.Option(500, "--length", help="Characters to generate."),
+    s3_endpoint: Optional[str] = S3_ENDPOINT,
+) -> None:
+    """The main job in one command: corpus -> prepare -> train -> generate, on an embedded Ray."""
+    from lstmgen import generate as gen
+    from lstmgen.prepare import prepare as run_prepare
+    from lstmgen.train import train as run_train
+
+    root = storage.absolute(workdir)
+    data, run = storage.join(root, "data"), storage.join(root, "run")
+    sampling = SampleConfig(length=length)
+    _setup(s3_endpoint, workers=workers)
+    if not storage.exists(storage.join(data, "manifest.json")):
+        run_prepare(PrepareConfig(out=data, corpus=[storage.absolute(c) for c in corpus or []]))
+    run_train(train_config("cpu-10min", data=data, run=run, workers=workers, max_minutes=minutes,
+                           resume=storage.exists(storage.join(run, "train_config.json"))))
+    typer.echo("")
+    gen.stream(GenerateConfig(checkpoint=run, prime=prime, sampling=sampling))
+    typer.echo(f"\npipeline: data in {data}, run in {run} (lstmgen report {run})")
+
+
+@app.command()
 def evaluate(
     checkpoint: str = typer.Option(..., "--checkpoint", help="Run directory (its best checkpoint) or one checkpoint."),
     data: str = typer.Option(..., "--data", help="Directory written by lstmgen prepare."),

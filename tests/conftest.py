@@ -1,0 +1,58 @@
+"""Shared fixtures: a real embedded Ray, the WikiText-2 slice, and a CLI runner.
+
+Nothing here is mocked: Ray is a real local runtime, the CLI runs as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def wiki_text(chars: int) -> str:
+    if not WIKI.exists():
+        pytest.skip(f"{WIKI} is missing (the shared WikiText-2 test split sits beside the checkout)")
+    return WIKI.read_text(encoding="utf-8")[:chars]
+
+
+@pytest.fixture(scope="session")
+def wiki_slice(tmp_path_factory) -> Path:
+    """~100 KB of WikiText-2 raw (test split), the corpus of the end-to-end tests."""
+    path = tmp_path_factory.mktemp("corpus") / "wiki100k.txt"
+    path.write_text(wiki_text(100_000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real embedded Ray for in-process tests (the CLI tests start their own)."""
+    import ray
+
+    from lstmgen.runtime import init_ray
+
+    init_ray(workers=2)
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "lstmgen.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Assert a failed command printed one 'error:' line naming the fragments, and no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -1,0 +1,63 @@
+"""The explicit LSTM: same numbers as torch.nn.LSTM on the same weights, and step() == forward."""
+
+import torch
+
+from lstmgen.model import CharLSTM, ModelConfig, bits_per_char
+
+
+def _pair(layers: int, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = CharLSTM(ModelConfig(vocab_size=40, embed=12, hidden=24, layers=layers, dropout=0.0)).to(dtype)
+    return model
+
+
+def test_explicit_and_fused_agree_on_outputs_and_gradients():
+    for layers in (1, 2):
+        model = _pair(layers, torch.float32)
+        ids = torch.randint(0, 40, (5, 17))
+        targets = torch.randint(0, 40, (5, 17))
+        results = {}
+        for cell in ("explicit", "fused"):
+            model.rnn.cell = cell
+            model.zero_grad()
+            logits, state = model(ids)
+            bits_per_char(logits, targets).backward()
+            results[cell] = (logits.detach().clone(), [p.grad.clone() for p in model.parameters()], state)
+        (la, ga, sa), (lb, gb, sb) = results["explicit"], results["fused"]
+        assert torch.allclose(la, lb, atol=1e-5), (la - lb).abs().max()
+        for a, b in zip(ga, gb):
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        for (ha, ca), (hb, cb) in zip(sa, sb):
+            assert torch.allclose(ha, hb, atol=1e-5) and torch.allclose(ca, cb, atol=1e-5)
+
+
+def test_parameters_are_named_like_nn_lstm_and_forget_bias_is_one():
+    model = _pair(2)
+    names = {n for n, _ in model.rnn.named_parameters()}
+    assert names == {f"{k}_l{i}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for i in (0, 1)}
+    reference = torch.nn.LSTM(12, 24, 2, batch_first=True)
+    for n, p in reference.named_parameters():
+        assert getattr(model.rnn, n).shape == p.shape
+    h = 24
+    forget = model.rnn.bias_ih_l0[h : 2 * h] + model.rnn.bias_hh_l0[h : 2 * h]
+    assert torch.allclose(forget, torch.ones(h, dtype=forget.dtype))
+
+
+def test_step_with_carried_state_equals_full_forward():
+    model = _pair(2).eval()
+    ids = torch.randint(0, 40, (3, 25))
+    full, _ = model(ids)
+    state, steps = None, []
+    for t in range(ids.shape[1]):
+        logits, state = model.step(ids[:, t], state)
+        steps.append(logits)
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-10)
+
+
+def test_state_carried_across_chunks_equals_one_pass():
+    model = _pair(1).eval()
+    ids = torch.randint(0, 40, (2, 30))
+    full, _ = model(ids)
+    a, state = model(ids[:, :11])
+    b, _ = model(ids[:, 11:], state)
+    assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-10)

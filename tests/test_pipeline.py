@@ -1,0 +1,132 @@
+"""End to end through the real CLI: prepare -> train (2 Ray Train workers) -> generate -> evaluate,
+and every kind of bad input answered with one line and a non-zero exit."""
+
+import hashlib
+import json
+import math
+import pickle
+import shutil
+
+import pytest
+
+from lstmgen.corpus import Vocab
+
+from .conftest import one_line_error, run_cli
+
+PRIME = "I plan to make the world a better place"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, wiki_slice):
+    root = tmp_path_factory.mktemp("e2e")
+    r = run_cli("prepare", "--corpus", str(wiki_slice), "--out", "data", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("train", "--data", "data", "--run", "runs/first", "--workers", "2", "--max-steps", "80",
+                "--hidden", "128", "--batch-size", "16", "--eval-every", "40", "--log-every", "20", cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root
+
+
+def test_training_reduces_loss_and_writes_the_run(trained):
+    run = trained / "runs" / "first"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [40, 80]
+    assert rows[-1]["val_bpc"] < rows[0]["val_bpc"] and rows[-1]["train_bpc"] < rows[0]["train_bpc"]
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    ckpts = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    assert ckpts == ["checkpoint_0000040", "checkpoint_0000080"]
+    meta = json.loads((run / "checkpoint_0000080" / "meta.json").read_text())
+    assert meta["step"] == 80 and meta["vocab"][0] == "<unk>" and meta["train"]["workers"] == 2
+
+
+def test_generate_streams_characters_from_the_vocabulary(trained):
+    r = run_cli("generate", "--checkpoint", "runs/first", "--prime", PRIME, "--length", "200", "--seed", "3", cwd=trained)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith(PRIME)
+    generated = r.stdout[len(PRIME) : -1]
+    assert len(generated) == 200
+    vocab = Vocab.from_json((trained / "data" / "vocab.json").read_text())
+    assert not vocab.unknown(generated)
+    again = run_cli("generate", "--checkpoint", "runs/first", "--prime", PRIME, "--length", "200", "--seed", "3", cwd=trained)
+    assert again.stdout == r.stdout  # same seed, same text
+
+
+def test_evaluate_gives_finite_bpc_below_uniform(trained):
+    r = run_cli("evaluate", "--checkpoint", "runs/first", "--data", "data", "--json", cwd=trained)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    vocab_size = len(json.loads((trained / "data" / "vocab.json").read_text())["tokens"])
+    assert math.isfinite(result["bpc"]) and result["bpc"] < math.log2(vocab_size)
+    assert result["step"] == 80
+
+
+def test_checkpoints_list_and_report(trained):
+    r = run_cli("checkpoints", "list", "runs/first", cwd=trained)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and "latest" in lines[2] and "best" in r.stdout
+    r = run_cli("report", "runs/first", cwd=trained)
+    assert r.returncode == 0 and "loss.png" in r.stdout and "valid bpc" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, no traceback, nothing lost
+
+
+def test_bad_corpus_inputs(tmp_path):
+    one_line_error(run_cli("prepare", "--corpus", "missing.txt", "--out", "d", cwd=tmp_path), "missing.txt", "no such file")
+    (tmp_path / "empty.txt").write_text("")
+    one_line_error(run_cli("prepare", "--corpus", "empty.txt", "--out", "d", cwd=tmp_path), "empty")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    one_line_error(run_cli("prepare", "--corpus", "latin1.txt", "--out", "d", cwd=tmp_path), "not UTF-8", "byte offset 3")
+    one_line_error(run_cli("prepare", "--corpus", "empty.txt", "--out", "d", "--seq-len", "1", cwd=tmp_path), "--seq-len")
+
+
+def test_bad_generation_inputs(trained):
+    one_line_error(run_cli("generate", "--checkpoint", "runs/first", "--temperature", "0", cwd=trained), "--temperature")
+    one_line_error(run_cli("generate", "--checkpoint", "runs/first", "--length", "0", cwd=trained), "--length")
+    one_line_error(run_cli("generate", "--checkpoint", "runs/first", "--prime", "snow ☃ man", cwd=trained), "'☃'")
+    one_line_error(run_cli("generate", "--checkpoint", "runs/nothing", cwd=trained), "runs/nothing")
+
+
+def test_corrupt_and_pickled_checkpoints_are_refused(trained, tmp_path):
+    good = trained / "runs" / "first" / "checkpoint_0000080"
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    data = (truncated / "model.pt").read_bytes()
+    (truncated / "model.pt").write_bytes(data[: len(data) // 2])
+    one_line_error(run_cli("generate", "--checkpoint", str(truncated)), "truncated or corrupt")
+
+    # A model.pt that carries a pickled object (with a matching checksum) must not be executed.
+    evil = tmp_path / "evil"
+    shutil.copytree(good, evil)
+    payload = pickle.dumps({"model": Exploit()})
+    (evil / "model.pt").write_bytes(payload)
+    meta = json.loads((evil / "meta.json").read_text())
+    meta["files"]["model.pt"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (evil / "meta.json").write_text(json.dumps(meta))
+    marker = tmp_path / "pwned"
+    one_line_error(run_cli("generate", "--checkpoint", str(evil), env={"PWN_MARKER": str(marker)}), "refused")
+    assert not marker.exists()
+
+
+class Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch \"$PWN_MARKER\"",))
+
+
+def test_checkpoint_from_another_vocabulary_is_refused(trained, tmp_path):
+    (tmp_path / "other.txt").write_text("zzzz yyyy xxxx " * 500)
+    assert run_cli("prepare", "--corpus", "other.txt", "--out", "other", cwd=tmp_path).returncode == 0
+    one_line_error(run_cli("evaluate", "--checkpoint", str(trained / "runs" / "first"), "--data", "other", cwd=tmp_path),
+                   "vocabulary")
+
+
+def test_existing_run_is_not_overwritten(trained):
+    before = (trained / "runs" / "first" / "metrics.jsonl").read_text()
+    one_line_error(run_cli("train", "--data", "data", "--run", "runs/first", "--max-steps", "5", cwd=trained), "--resume")
+    assert (trained / "runs" / "first" / "metrics.jsonl").read_text() == before
+    one_line_error(run_cli("train", "--data", "nowhere", "--run", "runs/x", cwd=trained), "lstmgen prepare")
+    one_line_error(run_cli("train", "--data", "data", "--run", "runs/x", "--preset", "nope", cwd=trained), "--preset")
