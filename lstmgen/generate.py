@@ -205,6 +205,7 @@ def generate_job(cfg: GenerateConfig) -> dict:
     import ray
 
     fmt = output_format(cfg)
+    storage.require_prefix(cfg.out)
     storage.check_bucket(cfg.out)
     if storage.exists(cfg.out) and not cfg.overwrite:
         raise LstmgenError(f"{cfg.out}: already exists; pass --overwrite to replace it")

@@ -27,6 +27,7 @@ from lstmgen.windows import count_windows, encode_chunk
 def prepare(cfg: PrepareConfig) -> dict:
     t0 = time.time()
     out = cfg.out
+    storage.require_prefix(out)
     storage.check_bucket(out)
     if storage.exists(storage.join(out, "manifest.json")) and not cfg.overwrite:
         raise LstmgenError(f"{out}: already holds prepared data; pass --overwrite to replace it")

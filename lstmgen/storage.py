@@ -129,6 +129,12 @@ def list_dir(path: str) -> list[pafs.FileInfo]:
         raise _describe(path, exc) from exc
 
 
+def require_prefix(path: str) -> None:
+    """Outputs go under a prefix, never straight into a bucket's root."""
+    if is_s3(path) and not split_s3(path)[1]:
+        raise LstmgenError(f"{path}: give a prefix inside the bucket, like {path.rstrip('/')}/NAME")
+
+
 def check_bucket(path: str) -> None:
     """Fail in one line when an S3 path's bucket is missing, forbidden or unreachable."""
     if not is_s3(path):

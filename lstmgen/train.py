@@ -48,6 +48,7 @@ def train(cfg: TrainConfig) -> dict:
         if split in manifest["splits"] and not storage.is_dir(storage.join(cfg.data, split)):
             raise LstmgenError(f"{cfg.data}: the {split}/ directory named in manifest.json is missing")
     vocab = Vocab.from_json(storage.read_text(storage.join(cfg.data, "vocab.json")))
+    storage.require_prefix(cfg.run)
     storage.check_bucket(cfg.run)
     cfg = _reconcile_run(cfg)
 
@@ -142,7 +143,7 @@ def train_loop(config: dict) -> None:
     model_cfg = ModelConfig(vocab_size=len(vocab_tokens), embed=cfg.embed, hidden=cfg.hidden,
                             layers=cfg.layers, dropout=cfg.dropout, cell=cfg.cell)
     model = CharLSTM(model_cfg)
-    step, elapsed, history, state = 0, 0.0, [], None
+    step, elapsed, history, state, resumed_from = 0, 0.0, [], None, 0
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
@@ -150,6 +151,7 @@ def train_loop(config: dict) -> None:
             history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
         model.load_state_dict(state["model"])
         step, elapsed = state["step"], state["elapsed"]
+        resumed_from = step
         if rank == 0:
             print(f"train: resumed from step {step}")
     model = ray.train.torch.prepare_model(model)
@@ -211,7 +213,7 @@ def train_loop(config: dict) -> None:
                 now = time.time()
                 row = {"step": step, "train_bpc": window_bits / max(1, window_steps), "lr": lr,
                        "chars_per_s": window_chars / max(1e-9, now - t_window),
-                       "elapsed_s": elapsed + now - t_start}
+                       "elapsed_s": elapsed + now - t_start, "resumed_from": resumed_from}
                 if valid is not None:
                     row["val_bpc"] = stream_bpc(raw, valid, device=str(device))
                 row.setdefault("val_bpc", row["train_bpc"])  # no valid split: rank by training loss

@@ -41,8 +41,10 @@ def ray_local():
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``lstmgen ARGS`` as a real subprocess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1")
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None removes a variable
     return subprocess.run([sys.executable, "-m", "lstmgen.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -56,3 +58,13 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback for the whole session."""
+    from . import s3server
+
+    server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
