@@ -74,7 +74,8 @@ def prepare(
     address: Optional[str] = ADDRESS,
 ) -> None:
     """Corpus -> vocabulary + Parquet windows (train/, valid/, test/, vocab.json, manifest.json)."""
-    cfg = PrepareConfig(out=storage.absolute(out), corpus=[storage.absolute(c) for c in corpus or []], seq_len=seq_len, valid_fraction=valid_fraction,
+    cfg = PrepareConfig(out=storage.absolute(out), corpus=[storage.absolute(c) for c in corpus or []],
+                        seq_len=seq_len, valid_fraction=valid_fraction,
                         chunk_mb=chunk_mb, url=url, sha256=sha256, cache_dir=cache_dir, overwrite=overwrite)
     _setup(s3_endpoint, address)
     from lstmgen.prepare import prepare as run_prepare
@@ -103,7 +104,7 @@ def train(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Also stop after this many minutes (0: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed. [default: 0]"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. [default: 250]"),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps (default: with each evaluation)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps [default: each eval]."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Progress line every N steps. [default: 25]"),
     val_chars: Optional[int] = typer.Option(None, "--val-chars", help="Validation characters scored in training."),
     keep: Optional[int] = typer.Option(None, "--keep", help="Best checkpoints kept (plus the latest). [default: 3]"),

@@ -51,7 +51,8 @@ def summary(run: str) -> str:
         f"run          {run}",
         f"steps        {last['step']}  ({last['elapsed_s'] / 60:.1f} min, {last['chars_per_s'] / 1e3:.1f}k chars/s at the end)",
         f"train bpc    {last['train_bpc']:.3f} (last evaluation)",
-        f"valid bpc    {last.get('val_bpc', float('nan')):.3f} last, {best_row.get('val_bpc', float('nan')):.3f} best at step {best_row['step']}",
+        f"valid bpc    {last.get('val_bpc', float('nan')):.3f} last, "
+        f"{best_row.get('val_bpc', float('nan')):.3f} best at step {best_row['step']}",
         f"checkpoint   {chosen.path if chosen else '(none)'}",
         f"plot         {png}",
     ]

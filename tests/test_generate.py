@@ -27,7 +27,7 @@ def tiny_checkpoint(tmp_path_factory):
     model = CharLSTM(cfg)
     ids = torch.tensor(vocab.encode(text))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(30):
+    for _ in range(30):
         starts = torch.randint(0, len(ids) - 65, (16,))
         batch = torch.stack([ids[s : s + 65] for s in starts])
         logits, _ = model(batch[:, :-1])
