@@ -32,6 +32,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train a character-level LSTM on Wikipedia text with Ray, and generate articles.")
 checkpoints_app = typer.Typer(no_args_is_help=True, help="List and copy a run's checkpoints.")
 app.add_typer(checkpoints_app, name="checkpoints")
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+JOB_SERVER = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                          help="Job server (dashboard) URL, e.g. http://127.0.0.1:8265 through `ray dashboard cluster.yaml`.")
 
 S3_ENDPOINT = typer.Option(None, "--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
 ADDRESS = typer.Option(None, "--address", help="Run on this Ray cluster instead of an embedded one (GCS address).")
@@ -260,6 +264,89 @@ def checkpoints_copy(src: str = typer.Argument(..., help="Run or checkpoint dire
 
     files, size = copy_verified(src, dst)
     typer.echo(f"copied {files} file(s), {size / 1e6:.2f} MB: {src} -> {dst} (sizes and SHA-256 verified)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    job: str = typer.Argument(..., help="prepare | train | generate | evaluate | checkpoints"),
+    address: Optional[str] = JOB_SERVER,
+    follow_logs: bool = typer.Option(False, "--follow", help="Tail the logs; exit with the job's status."),
+) -> None:
+    """Submit a job to a Ray cluster: `lstmgen submit train --data s3://... --run s3://...` takes the
+    same options as the local command and runs jobs/<job>.py on the cluster."""
+    from lstmgen import submit as sub
+
+    args = list(ctx.args)
+    _validate_job_args(job, args)
+    job_id = sub.submit(job, args, address, gpu="--gpu" in args)
+    typer.echo(job_id)
+    if follow_logs:
+        status = sub.follow(sub.client(address), job_id)
+        typer.echo(f"job {job_id}: {status}", err=True)
+        raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+def _validate_job_args(job: str, args: list[str]) -> None:
+    """Parse the job's arguments with the local command's parser, so a bad flag fails here, now."""
+    command = getattr(typer.main.get_command(app), "commands", {}).get(job)
+    if job not in ("prepare", "train", "generate", "evaluate", "checkpoints") or command is None:
+        raise LstmgenError(f"cannot submit {job!r}; choose prepare, train, generate, evaluate or checkpoints")
+    try:
+        command.make_context(job, list(args), resilient_parsing=False)
+    except Exception as exc:  # Typer's own (vendored) click exceptions
+        if type(exc).__name__ == "Exit":
+            return
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise LstmgenError(f"{job}: {message}") from None
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = JOB_SERVER) -> None:
+    """A table of the cluster's jobs."""
+    from lstmgen import submit as sub
+
+    typer.echo(sub.list_table(sub.client(address)))
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str = typer.Argument(...), address: Optional[str] = JOB_SERVER) -> None:
+    """A job's status and message."""
+    from lstmgen import submit as sub
+
+    info = sub.status_of(sub.client(address), job_id)
+    typer.echo(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(...), follow_logs: bool = typer.Option(False, "--follow", help="Until the job ends."),
+              address: Optional[str] = JOB_SERVER) -> None:
+    """A job's logs (with --follow: until it ends, exiting with its status)."""
+    from lstmgen import submit as sub
+
+    c = sub.client(address)
+    sub.status_of(c, job_id)
+    if not follow_logs:
+        typer.echo(c.get_job_logs(job_id), nl=False)
+        return
+    status = sub.follow(c, job_id)
+    typer.echo(f"job {job_id}: {status}", err=True)
+    raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = typer.Argument(...), address: Optional[str] = JOB_SERVER,
+              timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for it to stop.")) -> None:
+    """Stop a job and wait until it has stopped."""
+    from lstmgen import submit as sub
+
+    c = sub.client(address)
+    sub.status_of(c, job_id)
+    c.stop_job(job_id)
+    status = sub.wait(c, job_id, timeout)
+    typer.echo(f"{job_id}: {status}")
+    if status not in sub.TERMINAL:
+        raise LstmgenError(f"{job_id}: still {status} after {timeout:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------

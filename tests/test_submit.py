@@ -1,0 +1,102 @@
+"""Cluster mode against a real `ray start --head` on 127.0.0.1: submit prepare -> train -> generate
+as Ray jobs, follow/list/status/logs/stop, and fast one-line failures for bad addresses."""
+
+import http.server
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from . import raycluster
+from .conftest import one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    h = raycluster.start(tmp_path_factory.mktemp("cluster"))
+    yield h
+    h.stop()
+
+
+def _cli(head, *args, **kw):
+    env = dict(head.env, RAY_ADDRESS=head.url)
+    return run_cli(*args, env=env, **kw)
+
+
+def test_submit_prepare_train_generate_as_jobs(head, wiki_slice, tmp_path):
+    data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "gen.jsonl"
+    (tmp_path / "primes.txt").write_text("The \nIn 1990\n")
+    steps = [
+        ("prepare", "--corpus", str(wiki_slice), "--out", str(data)),
+        ("train", "--data", str(data), "--run", str(run), "--workers", "2", "--max-steps", "30", "--hidden", "64",
+         "--eval-every", "15"),
+        ("generate", "--checkpoint", str(run), "--primes-file", str(tmp_path / "primes.txt"), "--num-samples", "2",
+         "--length", "30", "--out", str(out)),
+    ]
+    for step in steps:
+        r = _cli(head, "submit", *step, "--follow", timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        job_id = r.stdout.splitlines()[0]
+        assert job_id.startswith(f"lstmgen-{step[0]}-") and "SUCCEEDED" in r.stderr
+        status = _cli(head, "jobs", "status", job_id)
+        assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    assert json.loads((data / "manifest.json").read_text())["splits"]["train"]["windows"] > 0
+    assert (run / "checkpoint_0000030" / "model.pt").exists()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(r["chars"] == 30 for r in rows)
+    listing = _cli(head, "jobs", "list")
+    assert listing.returncode == 0 and listing.stdout.count("SUCCEEDED") >= 3
+    logs = _cli(head, "jobs", "logs", job_id)
+    assert "generate: 4 samples" in logs.stdout
+
+
+def test_follow_exit_code_reflects_a_failing_job(head, tmp_path):
+    r = _cli(head, "submit", "evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path), "--follow")
+    assert r.returncode == 1
+    assert "no such checkpoint" in r.stdout and "FAILED" in r.stderr
+
+
+def test_stop_ends_a_long_job(head, wiki_slice, tmp_path):
+    r = _cli(head, "submit", "prepare", "--corpus", str(wiki_slice), "--out", str(tmp_path / "d"), "--follow")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli(head, "submit", "train", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "long"), "--workers", "1",
+             "--max-steps", "1000000", "--hidden", "64")
+    job_id = r.stdout.strip().splitlines()[0]
+    deadline = time.time() + 120
+    while not (tmp_path / "long" / "train_config.json").exists():  # the job is past start-up, training
+        assert time.time() < deadline
+        time.sleep(1)
+    stopped = _cli(head, "jobs", "stop", job_id, timeout=120)
+    assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stderr
+
+
+def test_bad_addresses_fail_fast_with_one_line(tmp_path):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts TCP connections and never answers
+    not_ray = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=not_ray.serve_forever, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    cases = [
+        (f"http://127.0.0.1:{closed_port}", "cannot reach"),
+        (f"http://127.0.0.1:{silent.getsockname()[1]}", "no answer within"),
+        (f"http://127.0.0.1:{not_ray.server_port}", "not a Ray job server"),
+        ("127.0.0.1:6379", "GCS port"),
+    ]
+    try:
+        for address, fragment in cases:
+            t0 = time.time()
+            one_line_error(run_cli("jobs", "list", "--address", address, cwd=tmp_path), fragment)
+            assert time.time() - t0 < 10, address
+            t0 = time.time()
+            one_line_error(run_cli("submit", "train", "--data", "d", "--run", "r", "--address", address, cwd=tmp_path), fragment)
+            assert time.time() - t0 < 10, address
+    finally:
+        silent.close()
+        not_ray.shutdown()
+    one_line_error(run_cli("jobs", "list", env={"RAY_ADDRESS": None}), "--address")
