@@ -209,6 +209,10 @@ def evaluate(
     data: str = typer.Option(..., "--data", help="Directory written by lstmgen prepare."),
     split: str = typer.Option("valid", "--split", help="train, valid or test."),
     streams: int = typer.Option(16, "--streams", help="Parallel rows the split is cut into."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic evaluation: a gradient step after scoring each segment."),
+    segment: int = typer.Option(50, "--segment", help="Characters per dynamic-evaluation step."),
+    dynamic_lr: float = typer.Option(3e-4, "--dynamic-lr", help="Dynamic-evaluation step size (RMS-normalised)."),
+    dynamic_decay: float = typer.Option(0.0, "--dynamic-decay", help="Pull toward the trained weights per step."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     s3_endpoint: Optional[str] = S3_ENDPOINT,
 ) -> None:
@@ -216,11 +220,13 @@ def evaluate(
     _setup(s3_endpoint, ray=False)
     from lstmgen.evaluate import evaluate as run_evaluate
 
-    result = run_evaluate(EvaluateConfig(checkpoint=checkpoint, data=data, split=split, streams=streams))
+    result = run_evaluate(EvaluateConfig(checkpoint=checkpoint, data=data, split=split, streams=streams, dynamic=dynamic,
+                                         segment=segment, dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay))
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        typer.echo(f"{result['split']}: {result['bpc']:.4f} bits per character over {result['chars']:,} chars "
+        kind = "dynamic " if result["dynamic"] else ""
+        typer.echo(f"{result['split']}: {result['bpc']:.4f} {kind}bits per character over {result['chars']:,} chars "
                    f"(step {result['step']}, {result['checkpoint']})")
 
 

@@ -164,6 +164,10 @@ class EvaluateConfig:
     data: str
     split: str = "valid"
     streams: int = 16
+    dynamic: bool = False  # dynamic evaluation: adapt to the text as it is scored
+    segment: int = 50
+    dynamic_lr: float = 3e-4
+    dynamic_decay: float = 0.0
 
 
 def to_dict(config) -> dict:

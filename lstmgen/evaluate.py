@@ -59,12 +59,61 @@ def stream_bpc(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int =
     return total_bits / total
 
 
+def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float = 3e-4, decay: float = 0.0,
+                beta: float = 0.99, eps: float = 1e-8, progress: bool = False) -> float:
+    """Dynamic evaluation: score each ``segment`` characters first, then take one gradient step
+    on them, as a compressor adapts to the text it has read. Steps are RMS-normalised (a running
+    mean of squared gradients, as RMSprop), and ``decay`` pulls the weights back toward the
+    trained ones each step. The model is restored afterwards. Tune ``lr``/``decay`` on training
+    text, never on the split being scored."""
+    if len(ids) < 2:
+        raise LstmgenError("the evaluation split holds fewer than 2 characters")
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mean_sq = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()  # no dropout while adapting
+    block = torch.from_numpy(ids)[None, :]
+    state, total_bits, total = None, 0.0, 0
+    t0 = time.time()
+    try:
+        for t in range(0, block.shape[1] - 1, segment):
+            x = block[:, t : t + segment]
+            y = block[:, t + 1 : t + segment + 1]
+            x = x[:, : y.shape[1]]
+            model.zero_grad(set_to_none=True)
+            logits, state = model(x, state)
+            nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            total_bits += nats.item() / math.log(2)  # counted before the update
+            total += y.numel()
+            (nats / y.numel()).backward()
+            state = detach(state)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if p.grad is None:
+                        continue
+                    mean_sq[n].mul_(beta).addcmul_(p.grad, p.grad, value=1 - beta)
+                    p.sub_(lr * p.grad / (mean_sq[n].sqrt() + eps))
+                    if decay:
+                        p.add_(decay * (trained[n] - p))
+            if progress and (t // segment) % 500 == 0:
+                print(f"dynamic: {t:,}/{len(ids):,} chars, {total_bits / total:.4f} bpc, {time.time() - t0:.0f} s", flush=True)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(trained[n])
+        model.train(was_training)
+    return total_bits / total
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     loaded = checkpoint.load(cfg.checkpoint)
     checkpoint.check_vocab(loaded, cfg.data)
     model = loaded.model()
     ids = split_stream(cfg.data, cfg.split)
     t0 = time.time()
-    bpc = stream_bpc(model, ids, streams=cfg.streams)
-    return {"checkpoint": loaded.path, "split": cfg.split, "chars": int(len(ids)), "bpc": bpc,
+    if cfg.dynamic:
+        bpc = dynamic_bpc(model, ids, segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay, progress=True)
+    else:
+        bpc = stream_bpc(model, ids, streams=cfg.streams)
+    return {"checkpoint": loaded.path, "split": cfg.split, "chars": int(len(ids)), "bpc": bpc, "dynamic": cfg.dynamic,
             "step": loaded.meta.get("step"), "seconds": round(time.time() - t0, 2)}
