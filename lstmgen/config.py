@@ -168,6 +168,7 @@ class EvaluateConfig:
     segment: int = 50
     dynamic_lr: float = 3e-4
     dynamic_decay: float = 0.0
+    mix_order: int = 0  # > 0: also mix with an adaptive count model of this order (lstmgen.mixture)
 
 
 def to_dict(config) -> dict:

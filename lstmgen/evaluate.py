@@ -60,7 +60,7 @@ def stream_bpc(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int =
 
 
 def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float = 3e-4, decay: float = 0.0,
-                beta: float = 0.99, eps: float = 1e-8, progress: bool = False) -> float:
+                beta: float = 0.99, eps: float = 1e-8, progress: bool = False, per_char: bool = False):
     """Dynamic evaluation: score each ``segment`` characters first, then take one gradient step
     on them, as a compressor adapts to the text it has read. Steps are RMS-normalised (a running
     mean of squared gradients, as RMSprop), and ``decay`` pulls the weights back toward the
@@ -73,7 +73,7 @@ def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float =
     was_training = model.training
     model.eval()  # no dropout while adapting
     block = torch.from_numpy(ids)[None, :]
-    state, total_bits, total = None, 0.0, 0
+    state, total_bits, total, pieces = None, 0.0, 0, []
     t0 = time.time()
     try:
         for t in range(0, block.shape[1] - 1, segment):
@@ -82,9 +82,12 @@ def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float =
             x = x[:, : y.shape[1]]
             model.zero_grad(set_to_none=True)
             logits, state = model(x, state)
-            nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            each = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+            nats = each.sum()
             total_bits += nats.item() / math.log(2)  # counted before the update
             total += y.numel()
+            if per_char:
+                pieces.append(each.detach().numpy() / math.log(2))
             (nats / y.numel()).backward()
             state = detach(state)
             with torch.no_grad():
@@ -102,6 +105,8 @@ def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float =
             for n, p in model.named_parameters():
                 p.copy_(trained[n])
         model.train(was_training)
+    if per_char:
+        return total_bits / total, np.concatenate(pieces)
     return total_bits / total
 
 
@@ -111,9 +116,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     model = loaded.model()
     ids = split_stream(cfg.data, cfg.split)
     t0 = time.time()
-    if cfg.dynamic:
+    extra: dict = {}
+    if cfg.mix_order:
+        from lstmgen.mixture import CountModel, mix_bits
+
+        lr = cfg.dynamic_lr if cfg.dynamic else 0.0
+        bpc, lstm_bits = dynamic_bpc(model, ids, segment=cfg.segment, lr=lr, decay=cfg.dynamic_decay, per_char=True)
+        counts = CountModel(len(loaded.vocab), cfg.mix_order).fit(split_stream(cfg.data, "train")).bits(ids)
+        extra = {"count_bpc": float(counts.mean()), "mixture_bpc": float(mix_bits(lstm_bits, counts).mean())}
+    elif cfg.dynamic:
         bpc = dynamic_bpc(model, ids, segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay, progress=True)
     else:
         bpc = stream_bpc(model, ids, streams=cfg.streams)
     return {"checkpoint": loaded.path, "split": cfg.split, "chars": int(len(ids)), "bpc": bpc, "dynamic": cfg.dynamic,
-            "step": loaded.meta.get("step"), "seconds": round(time.time() - t0, 2)}
+            "step": loaded.meta.get("step"), "seconds": round(time.time() - t0, 2), **extra}

@@ -40,3 +40,26 @@ def test_dynamic_evaluation_adapts_and_restores_the_weights():
     assert dynamic < static - 0.5, (dynamic, static)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
+
+
+def test_count_model_learns_repeats_and_the_mixture_tracks_the_better_predictor():
+    from lstmgen.mixture import CountModel, mix_bits
+
+    rng = np.random.default_rng(2)
+    text = np.tile(rng.integers(0, 20, 200), 10)
+    counts = CountModel(vocab_size=20, order=4).bits(text)
+    assert counts[:199].mean() > 3.5 and counts[-500:].mean() < 0.2  # uniform-ish first, near-certain once repeated
+    flat = np.full(len(counts), np.log2(20))
+    mixed = mix_bits(counts, flat)
+    # A Bayesian mixture never costs more than the better predictor plus its switching overhead.
+    assert mixed.sum() <= min(counts.sum(), flat.sum()) + 1 + len(counts) * -np.log2(1 - 0.02 / 2)
+    assert mixed.sum() < flat.sum() - 1000
+
+
+def test_count_model_probabilities_sum_to_one():
+    from lstmgen.mixture import CountModel
+
+    model = CountModel(vocab_size=20, order=3).fit(np.random.default_rng(3).integers(0, 20, 500))
+    for context in ([1, 2, 3], [7], []):
+        total = sum(model.prob(np.array([*context, x], dtype=np.uint16), len(context)) for x in range(20))
+        assert abs(total - 1) < 1e-9
