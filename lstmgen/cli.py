@@ -100,6 +100,8 @@ def train(
     layers: Optional[int] = typer.Option(None, "--layers", help="LSTM layers. [default: 1]"),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout. [default: 0.1]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per worker per step. [default: 32]"),
+    carry_state: Optional[bool] = typer.Option(None, "--carry-state/--shuffle-windows",
+                                               help="Carry the LSTM state across batches (TBPTT) or train on shuffled windows."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: 4e-3]"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay. [default: 0.01]"),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps. [default: 100]"),
@@ -119,7 +121,7 @@ def train(
 ) -> None:
     """Train the LSTM with Ray Train; checkpoints, metrics.jsonl and loss.png go to --run."""
     flags = dict(workers=workers, gpu=gpu, cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
-                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, clip=clip,
+                 batch_size=batch_size, carry_state=carry_state, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, clip=clip,
                  max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
                  checkpoint_every=checkpoint_every, log_every=log_every, val_chars=val_chars, keep=keep, max_failures=max_failures)
     cfg = train_config(preset, data=storage.absolute(data), run=storage.absolute(run), resume=resume, **flags)

@@ -50,6 +50,7 @@ class TrainConfig:
     dropout: float = 0.1
     # optimisation; batch_size is per worker, in windows of seq_len characters
     batch_size: int = 32
+    carry_state: bool = True  # TBPTT over contiguous streams; False: shuffled windows from zero state
     lr: float = 4e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100

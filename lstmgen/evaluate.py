@@ -35,7 +35,10 @@ def rows_of(ids: np.ndarray, streams: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def stream_bpc(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int = 256, device: str = "cpu") -> float:
+def stream_bits(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int = 256, device: str = "cpu",
+                part: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """(total bits, characters scored) over this ``part`` = (index, parts) of the rows, so that
+    several training workers can share one validation pass."""
     if len(ids) < 2:
         raise LstmgenError("the evaluation split holds fewer than 2 characters")
     was_training = model.training
@@ -43,7 +46,8 @@ def stream_bpc(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int =
     total_bits, total = 0.0, 0
     rows = rows_of(ids, streams)
     groups = [rows[:-1], rows[-1:]] if len(rows) > 1 and len(rows[-1]) != len(rows[0]) else [rows]
-    for group in groups:
+    groups = [g[part[0] :: part[1]] for g in groups]
+    for group in (g for g in groups if g):
         block = torch.from_numpy(np.stack(group)).to(device)
         state = None
         for t in range(0, block.shape[1] - 1, chunk):
@@ -56,7 +60,12 @@ def stream_bpc(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int =
             total_bits += nats.item() / math.log(2)
             total += y.numel()
     model.train(was_training)
-    return total_bits / total
+    return total_bits, total
+
+
+def stream_bpc(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int = 256, device: str = "cpu") -> float:
+    bits, n = stream_bits(model, ids, streams, chunk, device)
+    return bits / n
 
 
 def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float = 3e-4, decay: float = 0.0,

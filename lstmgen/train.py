@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,8 +31,8 @@ from lstmgen import checkpoint, storage
 from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
-from lstmgen.evaluate import stream_bpc
-from lstmgen.model import CharLSTM, ModelConfig, bits_per_char
+from lstmgen.evaluate import stream_bits
+from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, detach
 from lstmgen.windows import collate, split_stream
 
 MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
@@ -56,11 +57,12 @@ def train(cfg: TrainConfig) -> dict:
     storage_path, name = run_path.rsplit("/", 1)
     data_fs, train_path = storage.resolve(storage.join(cfg.data, "train"))
     ray.data.DataContext.get_current().enable_progress_bars = False  # the workers print their own progress
-    ds = ray.data.read_parquet(train_path, filesystem=data_fs, columns=["ids", "length"])
-    if sum(s["bytes"] for s in manifest["sources"]) < MATERIALIZE_BYTES:
-        ds = ds.materialize().random_shuffle(seed=None)
-    else:
-        ds = ds.randomize_block_order()
+    ds = ray.data.read_parquet(train_path, filesystem=data_fs, columns=["ids", "length", "index"])
+    small = sum(s["bytes"] for s in manifest["sources"]) < MATERIALIZE_BYTES
+    if small:
+        ds = ds.materialize()
+    if not cfg.carry_state:  # shuffled windows; with carried state each worker restores text order itself
+        ds = ds.random_shuffle(seed=None) if small else ds.randomize_block_order()
 
     threads = max(1, (os.cpu_count() or 1) // cfg.workers)
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
@@ -163,7 +165,7 @@ def train_loop(config: dict) -> None:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
 
-    valid = split_stream(cfg.data, "valid", cfg.val_chars) if rank == 0 and config["has_valid"] else None
+    valid = split_stream(cfg.data, "valid", cfg.val_chars) if config["has_valid"] else None
     shard = ray.train.get_dataset_shard("train")
     budget = cfg.max_minutes * 60
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -180,19 +182,20 @@ def train_loop(config: dict) -> None:
     t_start = time.time()
     window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
     progress = progress_now()
+    rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
     while progress < 1.0:
-        batches = 0
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
-                                        local_shuffle_buffer_size=cfg.batch_size * 8):
+        batches, carried = 0, None
+        for x, y in epoch_batches(shard, cfg, seq_len, rng):
             batches += 1
-            x, y = (t.to(device, non_blocking=True) for t in collate(batch))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lr = lr_at(cfg, step, progress)
             for group in opt.param_groups:
                 group["lr"] = lr
             model.train()
             with amp:
-                logits, _ = model(x)
+                logits, carried = model(x, carried if cfg.carry_state else None)
                 loss = bits_per_char(logits.float(), y)
+            carried = detach(carried)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -214,8 +217,12 @@ def train_loop(config: dict) -> None:
                 row = {"step": step, "train_bpc": window_bits / max(1, window_steps), "lr": lr,
                        "chars_per_s": window_chars / max(1e-9, now - t_window),
                        "elapsed_s": elapsed + now - t_start, "resumed_from": resumed_from}
-                if valid is not None:
-                    row["val_bpc"] = stream_bpc(raw, valid, device=str(device))
+                if valid is not None:  # every worker scores its share of the rows
+                    part = torch.tensor(stream_bits(raw, valid, device=str(device), part=(rank, world)),
+                                        dtype=torch.float64, device=device)
+                    if world > 1:
+                        dist.all_reduce(part)
+                    row["val_bpc"] = float(part[0] / part[1])
                 row.setdefault("val_bpc", row["train_bpc"])  # no valid split: rank by training loss
                 history.append(row)
                 _report(cfg, raw, opt, step, elapsed + now - t_start, row, history, vocab_tokens, model_cfg,
@@ -225,6 +232,40 @@ def train_loop(config: dict) -> None:
                 break
         if batches == 0:
             raise LstmgenError(f"{cfg.data}: too few training windows for one batch of {cfg.batch_size} per worker")
+
+
+def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):
+    """One epoch of (inputs, targets) from this worker's shard.
+
+    ``carry_state``: the shard's windows are put back in text order and cut into ``batch_size``
+    contiguous streams read ``seq_len`` characters at a time, so the LSTM state is carried from
+    one batch to the next (truncated backpropagation through time, as char-rnn trains; each
+    epoch starts at a random offset). Otherwise: shuffled windows, each starting from zero state.
+    """
+    if not cfg.carry_state:
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
+                                        local_shuffle_buffer_size=cfg.batch_size * 8):
+            yield collate(batch)
+        return
+    import pyarrow as pa
+
+    tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
+    if not tables:
+        return
+    table = pa.concat_tables(tables).sort_by("index")
+    width = table.column("ids").type.list_size
+    rows = table.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    lengths = table.column("length").to_numpy()
+    ids = np.concatenate([rows[0, : lengths[0]]] + [rows[i, 1 : lengths[i]] for i in range(1, len(rows))])
+    ids = torch.from_numpy(ids[int(rng.integers(0, seq_len)) :].astype(np.int64))
+    per_stream = (len(ids) - 1) // cfg.batch_size
+    if per_stream < seq_len:
+        return
+    streams = ids[: cfg.batch_size * per_stream + 1]
+    x_all = streams[:-1].view(cfg.batch_size, per_stream)
+    y_all = streams[1:].view(cfg.batch_size, per_stream)
+    for t in range(0, per_stream - seq_len + 1, seq_len):
+        yield x_all[:, t : t + seq_len], y_all[:, t : t + seq_len]
 
 
 def _report(cfg, raw, opt, step, elapsed, row, history, vocab_tokens, model_cfg, rank, seq_len, save) -> None:

@@ -57,22 +57,18 @@ def start(workdir: Path, num_cpus: int = 4) -> RayHead:
     if out.returncode != 0:
         head.stop()
         raise RuntimeError(f"ray start --head failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
-    from lstmgen.submit import probe
+    import urllib.request
 
+    # Probe with this head's own token (in-process Ray caches whatever token it loaded first).
+    request = urllib.request.Request(f"{head.url}/api/version", headers={"authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
     deadline = time.time() + 60
     while True:
         try:
-            old = os.environ.get("RAY_AUTH_TOKEN")
-            os.environ["RAY_AUTH_TOKEN"] = env["RAY_AUTH_TOKEN"]
-            probe(head.url)
+            with urllib.request.urlopen(request, timeout=5) as response:
+                response.read()
             return head
         except Exception:
             if time.time() > deadline:
                 head.stop()
                 raise
             time.sleep(1)
-        finally:
-            if old is None:
-                os.environ.pop("RAY_AUTH_TOKEN", None)
-            else:
-                os.environ["RAY_AUTH_TOKEN"] = old
