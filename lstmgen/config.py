@@ -45,7 +45,7 @@ class TrainConfig:
     # model
     cell: str = "explicit"  # "explicit" (gates written out) or "fused" (torch.nn.LSTM / cuDNN)
     embed: int = 64
-    hidden: int = 512
+    hidden: int = 256
     layers: int = 1
     dropout: float = 0.1
     # optimisation; batch_size is per worker, in windows of seq_len characters
@@ -55,8 +55,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     clip: float = 1.0
-    max_steps: int = 3000
-    max_minutes: float = 0.0  # > 0: stop (and finish the LR schedule) after this much wall time
+    max_steps: int = 100000
+    max_minutes: float = 10.0  # > 0: stop (and finish the LR schedule) after this much wall time
     seed: int = 0
     # bookkeeping
     eval_every: int = 250
@@ -91,8 +91,8 @@ class TrainConfig:
 
 # Named recipes. Explicit flags override them. Figures in README "Results".
 PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden=128, embed=32, batch_size=16, max_steps=200, eval_every=50, warmup_steps=20),
-    "cpu-10min": dict(hidden=512, layers=1, embed=64, batch_size=32, lr=4e-3, max_minutes=10.0, max_steps=100000),
+    "tiny": dict(hidden=128, embed=32, batch_size=16, max_steps=200, max_minutes=0.0, eval_every=50, warmup_steps=20),
+    "cpu-10min": dict(hidden=256, layers=1, embed=64, batch_size=32, lr=4e-3, max_minutes=10.0, max_steps=100000),
     "best": dict(hidden=512, layers=2, embed=128, dropout=0.2, batch_size=32, lr=3e-3, weight_decay=0.1,
                  max_minutes=60.0, max_steps=1000000, eval_every=500),
 }
