@@ -14,11 +14,22 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints reac
 
 import ray  # noqa: E402
 
+_embedded = False
+
+
+def embedded() -> bool:
+    """True when this process started its own local Ray (not joined a cluster)."""
+    return _embedded
+
 
 def init_ray(workers: int = 0, address: str | None = None) -> None:
+    global _embedded
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address.startswith(("http://", "https://")):
+        address = "local"  # a job-server URL is for `lstmgen submit`/`jobs`; jobs run here run embedded
+    _embedded = address == "local"
     kwargs: dict = dict(address=address, logging_level=logging.WARNING, log_to_driver=True)
     if address == "local":
         # One logical CPU more than the training workers take, so Ray Data tasks never starve

@@ -51,7 +51,7 @@ def train(cfg: TrainConfig) -> dict:
     vocab = Vocab.from_json(storage.read_text(storage.join(cfg.data, "vocab.json")))
     storage.require_prefix(cfg.run)
     storage.check_bucket(cfg.run)
-    cfg = _reconcile_run(cfg)
+    cfg = _reconcile_run(cfg, vocab)
 
     fs, run_path = storage.resolve(cfg.run)
     storage_path, name = run_path.rsplit("/", 1)
@@ -64,7 +64,11 @@ def train(cfg: TrainConfig) -> dict:
     if not cfg.carry_state:  # shuffled windows; with carried state each worker restores text order itself
         ds = ds.random_shuffle(seed=None) if small else ds.randomize_block_order()
 
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    # Embedded Ray: split this machine's cores between the workers. On a cluster each worker
+    # keeps the threads Ray gives its actor (OMP_NUM_THREADS from its CPU share).
+    from lstmgen.runtime import embedded
+
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers) if embedded() else 0
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
                    "threads": threads}
@@ -98,14 +102,17 @@ def _read_manifest(data: str) -> dict:
     return json.loads(storage.read_text(path))
 
 
-def _reconcile_run(cfg: TrainConfig) -> TrainConfig:
+def _reconcile_run(cfg: TrainConfig, vocab: Vocab) -> TrainConfig:
     """A new run must not overwrite an old one; ``--resume`` continues it with its saved config
-    (only the limits in ``RESUMABLE`` may change)."""
+    (only the limits in ``RESUMABLE`` may change) and only on data of the same vocabulary."""
     saved_path = storage.join(cfg.run, "train_config.json")
+    vocab_path = storage.join(cfg.run, "vocab.json")
     has_run = storage.exists(saved_path)
     if cfg.resume:
         if not has_run:
             raise LstmgenError(f"{cfg.run}: nothing to resume (no train_config.json)")
+        if storage.exists(vocab_path) and Vocab.from_json(storage.read_text(vocab_path)) != vocab:
+            raise LstmgenError(f"{cfg.run}: this run was trained on data of another vocabulary than {cfg.data}")
         saved = json.loads(storage.read_text(saved_path))
         given = asdict(cfg)
         for key in RESUMABLE:
@@ -115,6 +122,7 @@ def _reconcile_run(cfg: TrainConfig) -> TrainConfig:
     elif has_run:
         raise LstmgenError(f"{cfg.run}: a run already exists here; pass --resume to continue it or choose another --run")
     storage.write_text(saved_path, json.dumps(asdict(cfg), indent=1))
+    storage.write_text(vocab_path, vocab.to_json())
     return cfg
 
 
@@ -138,7 +146,8 @@ def train_loop(config: dict) -> None:
     vocab_tokens, seq_len = config["vocab"], config["seq_len"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
 

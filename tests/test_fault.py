@@ -56,3 +56,43 @@ def test_resume_after_the_driver_is_killed(data, tmp_path):
     # Ray Train registers a checkpoint once its snapshot records it: at most one interval is lost.
     assert rows[-1]["step"] == 80 and rows[-1]["resumed_from"] in (20, 40)
     assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})  # no duplicated history
+
+
+def test_s3_going_down_while_checkpointing_fails_clearly_and_keeps_complete_checkpoints(data, tmp_path):
+    from . import s3server
+
+    server = s3server.start(tmp_path / "seaweed")
+    env = server.env
+    try:
+        server.client().create_bucket(Bucket="flaky")
+        cmd = [sys.executable, "-m", "lstmgen.cli", "train", "--data", str(data), "--run", "s3://flaky/runs/x",
+               "--workers", "1", "--max-steps", "100000", "--hidden", "32", "--eval-every", "10", "--max-failures", "1"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **env}, start_new_session=True)
+        deadline = time.time() + 180
+        key = "runs/x/checkpoint_0000020/meta.json"
+        while True:
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint on S3 in time"
+            listed = server.client().list_objects_v2(Bucket="flaky", Prefix="runs/x/").get("Contents", [])
+            if any(o["Key"] == key for o in listed):
+                break
+            time.sleep(0.5)
+        server.stop()  # the store goes away while the run keeps checkpointing
+        try:
+            _, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the run neither failed nor finished after S3 went down") from None
+        assert proc.returncode != 0
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in stderr.split(errors[0])[-1], stderr[-3000:]
+    finally:
+        server.stop()
+    server = s3server.start(tmp_path / "seaweed", ports=server.ports)  # same data, same address
+    try:
+        r = run_cli("generate", "--checkpoint", "s3://flaky/runs/x/checkpoint_0000020", "--length", "20", env=server.env)
+        assert r.returncode == 0, r.stderr[-2000:]  # the checkpoint completed before the outage is intact
+        r = run_cli("checkpoints", "list", "s3://flaky/runs/x", env=server.env)
+        assert r.returncode == 0 and "checkpoint_0000020" in r.stdout
+    finally:
+        server.stop()
