@@ -52,7 +52,16 @@ def gemm_flops_per_s(batch: int, seconds: float = 1.5) -> float:
 
 
 def peak_rss_of_tree(proc: subprocess.Popen, peak: list) -> None:
+    """Peak memory of a process and all its descendants (Ray's raylet, workers, object store):
+    proportional set size (PSS) where the OS gives it, so pages shared between processes (the
+    object store, libraries) are counted once in total rather than once per process."""
     import psutil
+
+    def size(p) -> int:
+        try:
+            return p.memory_full_info().pss
+        except (psutil.AccessDenied, AttributeError):
+            return p.memory_info().rss
 
     try:
         root = psutil.Process(proc.pid)
@@ -60,7 +69,7 @@ def peak_rss_of_tree(proc: subprocess.Popen, peak: list) -> None:
             total = 0
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    total += size(p)
                 except psutil.Error:
                     pass
             peak[0] = max(peak[0], total)
@@ -114,7 +123,7 @@ def main() -> None:
         rows = sum(1 for _ in out.open()) if out.exists() else 0
         chars = sum(json.loads(line)["chars"] for line in out.open()) if rows else 0
         print(f"\n10,000-sample job: {rows:,} rows, {chars:,} chars in {wall:.0f} s ({chars / wall:,.0f} chars/s "
-              f"end to end), peak RSS of the process tree {peak[0] / 2**30:.2f} GiB, exit {proc.returncode}")
+              f"end to end), peak memory (PSS) of the process tree {peak[0] / 2**30:.2f} GiB, exit {proc.returncode}")
         print(stdout.strip().splitlines()[-1] if stdout.strip() else "")
         _ = np
 

@@ -1,6 +1,6 @@
 """`lstmgen prepare` at WikiText-103 scale: builds a ~540 MB corpus from the shared WikiText-2
 test split (each copy lightly perturbed: paragraphs rotated, a digit changed per line), runs the
-real CLI on it and reports wall time, MB/s, peak RSS of the whole process tree (driver, Ray and
+real CLI on it and reports wall time, MB/s, peak memory (PSS) of the whole process tree (driver, Ray and
 its workers) and Parquet bytes on disk against corpus bytes.
 
     python bench/prepare_scale.py [--mb 540] [--keep]
@@ -58,10 +58,10 @@ def main() -> None:
         wall = time.perf_counter() - t0
         parquet = sum(p.stat().st_size for p in (tmp / "data").rglob("*.parquet"))
         print("\n".join(line for line in out.splitlines() if line.startswith("prepare:")))
-        print(f"\n{'corpus MB':>9} {'wall s':>7} {'MB/s':>6} {'peak RSS GB':>11} {'parquet MB':>10} {'parquet/corpus':>14}")
+        print(f"\n{'corpus MB':>9} {'wall s':>7} {'MB/s':>6} {'peak PSS GB':>11} {'parquet MB':>10} {'parquet/corpus':>14}")
         print(f"{size / 1e6:9.0f} {wall:7.1f} {size / 1e6 / wall:6.1f} {peak[0] / 1e9:11.2f} {parquet / 1e6:10.0f} "
               f"{parquet / size:14.2f}")
-        print(f"ratio parquet/corpus {parquet / size:.2f} (target <= 1.1); peak RSS {peak[0] / 1e9:.2f} GB (target < 2); "
+        print(f"ratio parquet/corpus {parquet / size:.2f} (target <= 1.1); peak memory (PSS, whole process tree) {peak[0] / 1e9:.2f} GB (target < 2); "
               f"exit {proc.returncode}")
     finally:
         if not args.keep:

@@ -44,6 +44,66 @@ def lstm_cell(xw: Tensor, h: Tensor, c: Tensor, w_hh_t: Tensor) -> tuple[Tensor,
     return h, c
 
 
+class LSTMRecurrence(torch.autograd.Function):
+    """One layer's time loop for training, with backpropagation through time written out.
+
+    Forward runs ``lstm_cell``'s equations without building an autograd graph per step, keeping
+    the gate activations and cell states. Backward walks the steps in reverse with one small
+    matmul per step (the gradient into the previous hidden state) and computes the hidden
+    weights' gradient once for all steps as one large matmul, instead of one outer product per
+    step as autograd would. ``tests/test_model.py`` checks it against ``torch.nn.LSTM``.
+    """
+
+    @staticmethod
+    def forward(ctx, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):  # type: ignore[override]
+        batch, steps, four_h = xw.shape
+        hidden = four_h // 4
+        w_hh_t = w_hh.t()
+        acts = xw.new_empty(batch, steps, four_h)  # i, f, g, o after their nonlinearities
+        cs = xw.new_empty(batch, steps, hidden)
+        hs = xw.new_empty(batch, steps, hidden)
+        h, c = h0, c0
+        gates = xw.new_empty(batch, four_h)
+        for t in range(steps):
+            a = acts[:, t]
+            torch.addmm(xw[:, t], h, w_hh_t, out=gates)
+            torch.sigmoid(gates, out=a)
+            torch.tanh(gates[:, 2 * hidden : 3 * hidden], out=a[:, 2 * hidden : 3 * hidden])  # candidate: tanh
+            i, f, g, o = a.chunk(4, dim=1)
+            c = torch.addcmul(f * c, i, g)
+            h = o * torch.tanh(c)
+            cs[:, t] = c
+            hs[:, t] = h
+        ctx.save_for_backward(acts, cs, hs, h0, c0, w_hh)
+        return hs, h, c
+
+    @staticmethod
+    def backward(ctx, d_hs: Tensor, d_h: Tensor, d_c: Tensor):  # type: ignore[override]
+        acts, cs, hs, h0, c0, w_hh = ctx.saved_tensors
+        batch, steps, four_h = acts.shape
+        hidden = four_h // 4
+        d_gates = acts.new_empty(batch, steps, four_h)
+        dh = d_h.clone() if d_h is not None else acts.new_zeros(batch, hidden)
+        dc = d_c.clone() if d_c is not None else acts.new_zeros(batch, hidden)
+        for t in range(steps - 1, -1, -1):
+            if d_hs is not None:
+                dh = dh + d_hs[:, t]
+            i, f, g, o = acts[:, t].chunk(4, dim=1)
+            tanh_c = torch.tanh(cs[:, t])
+            dc = dc + dh * o * (1 - tanh_c * tanh_c)
+            c_prev = cs[:, t - 1] if t > 0 else c0
+            di, df, dg, do = d_gates[:, t].chunk(4, dim=1)
+            torch.mul(dc * g, i * (1 - i), out=di)
+            torch.mul(dc * c_prev, f * (1 - f), out=df)
+            torch.mul(dc * i, 1 - g * g, out=dg)
+            torch.mul(dh * tanh_c, o * (1 - o), out=do)
+            dh = d_gates[:, t] @ w_hh
+            dc = dc * f
+        h_prev = torch.cat([h0[:, None], hs[:, :-1]], dim=1)
+        d_w_hh = d_gates.reshape(-1, four_h).t() @ h_prev.reshape(-1, hidden)
+        return d_gates, dh, dc, d_w_hh
+
+
 class LSTM(nn.LSTM):
     """``nn.LSTM`` parameters and initialisation, with the recurrence written out in Python."""
 
@@ -72,12 +132,15 @@ class LSTM(nn.LSTM):
             w_ih, w_hh, b_ih, b_hh = (getattr(self, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             xw = F.linear(x, w_ih, b_ih + b_hh)  # all timesteps at once: (batch, time, 4H)
             h, c = state[k]
-            w_hh_t = w_hh.t()
-            outputs = []
-            for xw_t in xw.unbind(1):  # unbind, not xw[:, t]: indexing costs a gradient buffer per step
-                h, c = lstm_cell(xw_t, h, c, w_hh_t)
-                outputs.append(h)
-            x = torch.stack(outputs, dim=1)
+            if torch.is_grad_enabled():
+                x, h, c = LSTMRecurrence.apply(xw, h, c, w_hh)
+            else:  # inference (evaluation, generation): the cell as written above
+                w_hh_t = w_hh.t()
+                outputs = []
+                for xw_t in xw.unbind(1):  # unbind, not xw[:, t]: indexing costs a buffer per step
+                    h, c = lstm_cell(xw_t, h, c, w_hh_t)
+                    outputs.append(h)
+                x = torch.stack(outputs, dim=1)
             new_state.append((h, c))
             if self.dropout and self.training and k < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
