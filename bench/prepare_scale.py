@@ -61,8 +61,8 @@ def main() -> None:
         print(f"\n{'corpus MB':>9} {'wall s':>7} {'MB/s':>6} {'peak PSS GB':>11} {'parquet MB':>10} {'parquet/corpus':>14}")
         print(f"{size / 1e6:9.0f} {wall:7.1f} {size / 1e6 / wall:6.1f} {peak[0] / 1e9:11.2f} {parquet / 1e6:10.0f} "
               f"{parquet / size:14.2f}")
-        print(f"ratio parquet/corpus {parquet / size:.2f} (target <= 1.1); peak memory (PSS, whole process tree) {peak[0] / 1e9:.2f} GB (target < 2); "
-              f"exit {proc.returncode}")
+        print(f"ratio parquet/corpus {parquet / size:.2f} (target <= 1.1); "
+              f"peak memory (PSS, whole process tree) {peak[0] / 1e9:.2f} GB (target < 2); exit {proc.returncode}")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

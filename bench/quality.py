@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--dynamic-chars", type=int, default=-1, help="held-out chars for dynamic eval (-1: all, 0: skip)")
     ap.add_argument("--train-args", default="", help="extra flags for lstmgen train")
+    ap.add_argument("--dynamic", default="", help="LR,DECAY to skip tuning, e.g. 3e-4,1e-3")
     args = ap.parse_args()
     work = Path(args.workdir)
     data, run = work / "data", work / f"run-{args.preset}"
@@ -86,18 +87,32 @@ def main() -> None:
 
     if args.dynamic_chars:
         tune = train_ids[-20000:]  # tuned on training text only
-        best = None
-        for lr in (1e-4, 3e-4, 1e-3):
-            for decay in (0.0, 1e-3):
-                b = dynamic_bpc(model, tune, lr=lr, decay=decay)
-                print(f"  tune on training tail: lr {lr:.0e} decay {decay:.0e} -> {b:.4f}")
-                if best is None or b < best[0]:
-                    best = (b, lr, decay)
-        _, lr, decay = best
+        if args.dynamic:
+            lr, decay = (float(v) for v in args.dynamic.split(","))
+        else:
+            best = None
+            for lr in (1e-4, 3e-4, 1e-3):
+                for decay in (0.0, 1e-3):
+                    b = dynamic_bpc(model, tune, lr=lr, decay=decay)
+                    print(f"  tune on training tail: lr {lr:.0e} decay {decay:.0e} -> {b:.4f}")
+                    if best is None or b < best[0]:
+                        best = (b, lr, decay)
+            _, lr, decay = best
         target = held if args.dynamic_chars < 0 else held[: args.dynamic_chars]
         t0 = time.time()
-        dyn = dynamic_bpc(model, target, lr=lr, decay=decay)
+        dyn, lstm_bits = dynamic_bpc(model, target, lr=lr, decay=decay, per_char=True)
         print(f"dynamic held-out bpc (lr {lr:.0e}, decay {decay:.0e}, {len(target):,} chars, {time.time() - t0:.0f} s): {dyn:.4f}")
+
+        # Mixture with an adaptive count model; its order is chosen on the training text's tail.
+        from lstmgen.mixture import CountModel, mix_bits
+
+        orders = {k: CountModel(len(loaded.vocab), k).fit(train_ids[:-20000]).bits(train_ids[-20000:]).mean() for k in (3, 4, 5, 6)}
+        order = min(orders, key=orders.get)
+        print("  count-model order on training tail: " + ", ".join(f"{k}: {v:.3f}" for k, v in orders.items()))
+        counts = CountModel(len(loaded.vocab), order).fit(train_ids).bits(target)
+        mixed = mix_bits(lstm_bits, counts)
+        print(f"count model alone (order {order}, training text first): {counts.mean():.4f}")
+        print(f"dynamic LSTM + count-model mixture held-out bpc: {mixed.mean():.4f}")
 
     text = WIKI.read_bytes().decode("utf-8")
     cut = len(text) - int(len(text) * 0.1)

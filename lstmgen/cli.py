@@ -69,7 +69,7 @@ def prepare(
                                                "repeat for several files. Default: download WikiText-2 raw."),
     seq_len: int = typer.Option(64, "--seq-len", help="Characters per training window."),
     valid_fraction: float = typer.Option(0.1, "--valid-fraction", help="Tail fraction held out when no valid split is given."),
-    chunk_mb: float = typer.Option(16.0, "--chunk-mb", help="Bytes of corpus per Ray Data task (MiB)."),
+    chunk_mb: float = typer.Option(8.0, "--chunk-mb", help="Bytes of corpus per Ray Data task (MiB)."),
     url: str = typer.Option(WIKITEXT2_URL, "--url", envvar="LSTMGEN_WIKITEXT_URL", help="WikiText archive URL."),
     sha256: str = typer.Option(WIKITEXT2_SHA256, "--sha256", envvar="LSTMGEN_WIKITEXT_SHA256", help="Expected SHA-256 of the archive."),
     cache_dir: str = typer.Option("~/.cache/lstmgen", "--cache-dir", envvar="LSTMGEN_CACHE", help="Download cache."),

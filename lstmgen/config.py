@@ -21,7 +21,7 @@ class PrepareConfig:
     corpus: list[str] = field(default_factory=list)  # empty: download WikiText-2 raw
     seq_len: int = 64
     valid_fraction: float = 0.1
-    chunk_mb: float = 16.0
+    chunk_mb: float = 8.0
     url: str = WIKITEXT2_URL
     sha256: str = WIKITEXT2_SHA256
     cache_dir: str = "~/.cache/lstmgen"

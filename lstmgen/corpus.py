@@ -209,16 +209,20 @@ class Vocab:
     def dtype(self):
         return np.uint8 if len(self) <= 256 else np.uint16
 
-    def encode_array(self, cps: np.ndarray) -> np.ndarray:
-        """Code points -> ids; unseen characters -> 0 (``<unk>``)."""
+    def encode_array(self, cps: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+        """Code points -> ids in the compact dtype; unseen characters -> 0 (``<unk>``). Works
+        in blocks so the int64 intermediates stay small whatever the chunk size."""
+        out = np.zeros(len(cps), dtype=self.dtype)
         if len(self._cps) == 0:
-            return np.zeros(len(cps), dtype=np.int64)
-        pos = np.searchsorted(self._cps, cps)
-        pos = np.minimum(pos, len(self._cps) - 1)
-        return np.where(self._cps[pos] == cps, pos + 1, 0).astype(np.int64)
+            return out
+        for i in range(0, len(cps), block):
+            part = cps[i : i + block]
+            pos = np.minimum(np.searchsorted(self._cps, part), len(self._cps) - 1)
+            out[i : i + block] = np.where(self._cps[pos] == part, pos + 1, 0)
+        return out
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_array(codepoints(text)).tolist()
+        return self.encode_array(codepoints(text)).astype(np.int64).tolist()
 
     def unknown(self, text: str) -> list[str]:
         return sorted({ch for ch in text if ch not in self.index})

@@ -33,8 +33,10 @@ def init_ray(workers: int = 0, address: str | None = None) -> None:
     kwargs: dict = dict(address=address, logging_level=logging.WARNING, log_to_driver=True)
     if address == "local":
         # One logical CPU more than the training workers take, so Ray Data tasks never starve
-        # behind them on a small machine; bound to loopback and without a dashboard.
+        # behind them on a small machine. Everything binds to loopback; the dashboard too (Ray
+        # Train's placement-group cleaner asks its state API and warns in a loop without it).
         cpus = max(os.cpu_count() or 1, workers + 1)
-        kwargs.update(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        dashboard = os.environ.get("LSTMGEN_DASHBOARD", "1") != "0"
+        kwargs.update(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                       dashboard_port=None, _node_ip_address="127.0.0.1")
     ray.init(**kwargs)

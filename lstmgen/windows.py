@@ -15,14 +15,18 @@ Parquet schema (one row per window)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from lstmgen import storage
 from lstmgen.corpus import Chunk, Vocab, codepoints, read_chunk
 from lstmgen.errors import LstmgenError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100  # target id that cross-entropy skips (padding)
 
@@ -44,7 +48,7 @@ def windows_table(ids: np.ndarray, starts: np.ndarray, stream_end: int, first_in
     dtype = np.uint8 if vocab_size <= 256 else np.uint16
     padded = np.zeros(stream_end + width, dtype=dtype)
     padded[:stream_end] = ids[:stream_end]
-    rows = padded[starts[:, None] + np.arange(width)]  # (n, width)
+    rows = np.lib.stride_tricks.sliding_window_view(padded, width)[starts]  # (n, width), no index matrix
     lengths = np.minimum(stream_end - starts, width).astype(np.int16)
     values = pa.array(rows.reshape(-1), type=sch.field("ids").type.value_type)
     return pa.table(
@@ -83,7 +87,10 @@ def encode_chunk(task: dict, tokens: list[str], seq_len: int) -> pa.Table:
 
 def collate(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
     """A pyarrow batch of windows -> (inputs, targets), int64 (B, seq_len). Padding targets are
-    ``IGNORE``. Goes through one flat numpy view of the fixed-size list: no per-row Python."""
+    ``IGNORE``. Goes through one flat numpy view of the fixed-size list: no per-row Python.
+    (torch is imported here, not at the top: prepare's Ray tasks never need it.)"""
+    import torch
+
     col = table.column("ids").combine_chunks()
     width = col.type.list_size
     flat = col.flatten().to_numpy(zero_copy_only=False)
