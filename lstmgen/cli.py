@@ -365,26 +365,41 @@ def jobs_stop(job_id: str = typer.Argument(...), address: Optional[str] = JOB_SE
 # ---------------------------------------------------------------------------------------------
 
 
-def user_error(exc: BaseException) -> Optional[LstmgenError]:
-    """Find the user-facing error inside Ray's wrappers (task, actor and training failures)."""
-    seen = set()
-    stack = [exc]
+def _causes(exc: BaseException):
+    """The exception and everything wrapped inside it: Ray task, actor, controller and worker
+    failures, and Python's own chaining. Outermost first."""
+    seen, stack = set(), [exc]
     while stack:
-        e = stack.pop()
+        e = stack.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, LstmgenError) and type(e) is LstmgenError:
-            return e
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, BaseException):
-            stack.append(cause)
-        for attr in ("worker_failures", "_worker_failures"):
-            failures = getattr(e, attr, None)
-            if isinstance(failures, dict):
-                stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+        yield e
+        for attr in ("cause", "controller_failure"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(v for v in failures.values() if isinstance(v, BaseException))
         stack.extend([e.__cause__, e.__context__])
-    return None
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the user: the first LstmgenError inside Ray's wrappers, else the innermost
+    exception with its first line (a wrapper's own message says only that something failed)."""
+    chain = list(_causes(exc))
+    for e in chain:
+        if type(e) is LstmgenError or (isinstance(e, LstmgenError) and not hasattr(e, "cause")):
+            return str(e)
+    for e in chain:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, LstmgenError):
+            return str(cause)
+    inner = chain[-1]
+    text = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+    prefix = "training failed: " if any(type(e).__name__.endswith(("ControllerError", "WorkerGroupError")) for e in chain) else ""
+    return f"{prefix}{type(inner).__name__}: {text}"
 
 
 def main() -> None:
@@ -396,9 +411,13 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into a line
         if os.environ.get("LSTMGEN_DEBUG"):
             traceback.print_exc()
-        found = user_error(exc)
-        message = str(found) if found else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-        print(f"error: {message}", file=sys.stderr)
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            try:  # flush Ray's forwarded logs first, so the error is the last line printed
+                ray.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(1)
 
 
