@@ -200,7 +200,7 @@ def pipeline(
         run_prepare(PrepareConfig(out=data, corpus=[storage.absolute(c) for c in corpus or []]))
     run_train(train_config("cpu-10min", data=data, run=run, workers=workers, max_minutes=minutes,
                            resume=storage.exists(storage.join(run, "train_config.json"))))
-    typer.echo("")
+    typer.echo(f"\n--- sample: the prime and {length} generated characters ---")
     gen.stream(GenerateConfig(checkpoint=run, prime=prime, sampling=sampling))
     typer.echo(f"\npipeline: data in {data}, run in {run} (lstmgen report {run})")
 

@@ -130,3 +130,14 @@ def test_existing_run_is_not_overwritten(trained):
     assert (trained / "runs" / "first" / "metrics.jsonl").read_text() == before
     one_line_error(run_cli("train", "--data", "nowhere", "--run", "runs/x", cwd=trained), "lstmgen prepare")
     one_line_error(run_cli("train", "--data", "data", "--run", "runs/x", "--preset", "nope", cwd=trained), "--preset")
+
+
+def test_quick_start_pipeline_runs_every_stage(wiki_slice, tmp_path):
+    r = run_cli("pipeline", "--corpus", str(wiki_slice), "--workdir", "qs", "--minutes", "0.15", "--length", "60",
+                "--prime", "The ", cwd=tmp_path, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (tmp_path / "qs" / "data" / "manifest.json").exists() and (tmp_path / "qs" / "run" / "loss.png").exists()
+    body = r.stdout.rsplit("\n\npipeline:", 1)
+    assert len(body) == 2 and "lstmgen report" in body[1]
+    sample = body[0].split("--- sample: the prime and 60 generated characters ---\n", 1)[1]
+    assert sample.startswith("The ") and len(sample) == len("The ") + 60  # the prime and 60 characters
