@@ -90,6 +90,14 @@ def test_s3_going_down_while_checkpointing_fails_clearly_and_keeps_complete_chec
         server.stop()
     server = s3server.start(tmp_path / "seaweed", ports=server.ports)  # same data, same address
     try:
+        deadline = time.time() + 90  # the volume server re-registers with the master after a restart
+        while True:
+            try:
+                server.client().get_object(Bucket="flaky", Key=key)["Body"].read()
+                break
+            except Exception:
+                assert time.time() < deadline, "SeaweedFS did not serve the old objects again"
+                time.sleep(1)
         r = run_cli("generate", "--checkpoint", "s3://flaky/runs/x/checkpoint_0000020", "--length", "20", env=server.env)
         assert r.returncode == 0, r.stderr[-2000:]  # the checkpoint completed before the outage is intact
         r = run_cli("checkpoints", "list", "s3://flaky/runs/x", env=server.env)
