@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -125,7 +124,6 @@ def main() -> None:
         print(f"\n10,000-sample job: {rows:,} rows, {chars:,} chars in {wall:.0f} s ({chars / wall:,.0f} chars/s "
               f"end to end), peak memory (PSS) of the process tree {peak[0] / 2**30:.2f} GiB, exit {proc.returncode}")
         print(stdout.strip().splitlines()[-1] if stdout.strip() else "")
-        _ = np
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ boundaries without pickling code. Validation lives here, next to the fields it c
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from lstmgen.errors import LstmgenError
@@ -171,6 +170,3 @@ class EvaluateConfig:
     dynamic_decay: float = 0.0
     mix_order: int = 0  # > 0: also mix with an adaptive count model of this order (lstmgen.mixture)
 
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
