@@ -33,7 +33,7 @@ from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
 from lstmgen.evaluate import stream_bits
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, detach
-from lstmgen.windows import collate, split_stream
+from lstmgen.windows import collate, split_stream, table_stream
 
 MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
 RESUMABLE = ("max_steps", "max_minutes", "workers", "gpu", "max_failures", "eval_every", "log_every", "keep")
@@ -261,12 +261,8 @@ def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generato
     tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
     if not tables:
         return
-    table = pa.concat_tables(tables).sort_by("index")
-    width = table.column("ids").type.list_size
-    rows = table.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-    lengths = table.column("length").to_numpy()
-    ids = np.concatenate([rows[0, : lengths[0]]] + [rows[i, 1 : lengths[i]] for i in range(1, len(rows))])
-    ids = torch.from_numpy(ids[int(rng.integers(0, seq_len)) :].astype(np.int64))
+    ids = table_stream(pa.concat_tables(tables).sort_by("index"))
+    ids = torch.from_numpy(ids[int(rng.integers(0, seq_len)) :])
     per_stream = (len(ids) - 1) // cfg.batch_size
     if per_stream < seq_len:
         return

@@ -111,12 +111,9 @@ def read_split(data: str, split: str) -> pa.Table:
     return table.sort_by("index")
 
 
-def split_stream(data: str, split: str, max_chars: int = 0) -> np.ndarray:
-    """Undo the windowing: the split's ids as one contiguous stream (for evaluation with the LSTM
-    state carried across windows). Streams of several files are joined."""
-    table = read_split(data, split)
-    if max_chars:
-        table = table.slice(0, max(1, -(-max_chars // max(1, table.column("ids").type.list_size - 1))))
+def table_stream(table: pa.Table) -> np.ndarray:
+    """Undo the windowing of windows given in order: one contiguous id stream (consecutive windows
+    overlap by one id; ``length`` drops the padding of a short last window)."""
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
     width = table.column("ids").type.list_size
@@ -124,3 +121,12 @@ def split_stream(data: str, split: str, max_chars: int = 0) -> np.ndarray:
     lengths = table.column("length").to_numpy()
     pieces = [rows[0, : lengths[0]]] + [rows[i, 1 : lengths[i]] for i in range(1, len(rows))]
     return np.concatenate(pieces).astype(np.int64)
+
+
+def split_stream(data: str, split: str, max_chars: int = 0) -> np.ndarray:
+    """A split's ids as one contiguous stream (for evaluation with the LSTM state carried across
+    windows). Streams of several files are joined."""
+    table = read_split(data, split)
+    if max_chars:
+        table = table.slice(0, max(1, -(-max_chars // max(1, table.column("ids").type.list_size - 1))))
+    return table_stream(table)
