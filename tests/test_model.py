@@ -1,5 +1,6 @@
 """The explicit LSTM: same numbers as torch.nn.LSTM on the same weights, and step() == forward."""
 
+import pytest
 import torch
 
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char
@@ -11,7 +12,9 @@ def _pair(layers: int, dtype=torch.float64):
     return model
 
 
-def test_explicit_and_fused_agree_on_outputs_and_gradients():
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_explicit_and_fused_agree_on_outputs_and_gradients(monkeypatch, onednn):
+    monkeypatch.setenv("LSTMGEN_ONEDNN", onednn)  # oneDNN's reordered-weight matmul, or plain addmm
     for layers in (1, 2):
         model = _pair(layers, torch.float32)
         ids = torch.randint(0, 40, (5, 17))
@@ -61,3 +64,18 @@ def test_state_carried_across_chunks_equals_one_pass():
     a, state = model(ids[:, :11])
     b, _ = model(ids[:, 11:], state)
     assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-10)
+
+
+def test_inference_sees_weights_changed_in_place():
+    """Generation keeps a reordered copy of the hidden weights; an optimizer step (dynamic
+    evaluation) changes them in place and the next forward must use the new values."""
+    model = _pair(2, torch.float32).eval()
+    ids = torch.randint(0, 40, (3, 9))
+    with torch.no_grad():
+        before, _ = model(ids)
+        model.rnn.weight_hh_l1.add_(0.05)
+        after, _ = model(ids)
+        model.rnn.cell = "fused"
+        reference, _ = model(ids)
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(after, reference, atol=1e-5), (after - reference).abs().max()
