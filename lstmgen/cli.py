@@ -98,7 +98,8 @@ def train(
     embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size. [default: 64]"),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="LSTM hidden size. [default: 256]"),
     layers: Optional[int] = typer.Option(None, "--layers", help="LSTM layers. [default: 1]"),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout. [default: 0.1]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Locked dropout between layers and before the head. [default: 0.1]"),
+    embed_dropout: Optional[float] = typer.Option(None, "--embed-dropout", help="Locked dropout on the embeddings. [default: 0.1]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per worker per step. [default: 32]"),
     carry_state: Optional[bool] = typer.Option(None, "--carry-state/--shuffle-windows",
                                                help="Carry the LSTM state across batches (TBPTT) or train on shuffled windows."),
@@ -121,7 +122,8 @@ def train(
 ) -> None:
     """Train the LSTM with Ray Train; checkpoints, metrics.jsonl and loss.png go to --run."""
     flags = dict(workers=workers, gpu=gpu, cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
-                 batch_size=batch_size, carry_state=carry_state, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, clip=clip,
+                 embed_dropout=embed_dropout, batch_size=batch_size, carry_state=carry_state, lr=lr, weight_decay=weight_decay,
+                 warmup_steps=warmup_steps, clip=clip,
                  max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
                  checkpoint_every=checkpoint_every, log_every=log_every, val_chars=val_chars, keep=keep, max_failures=max_failures)
     cfg = train_config(preset, data=storage.absolute(data), run=storage.absolute(run), resume=resume, **flags)

@@ -46,7 +46,8 @@ class TrainConfig:
     embed: int = 64
     hidden: int = 256
     layers: int = 1
-    dropout: float = 0.1
+    dropout: float = 0.1  # locked dropout between layers and before the head
+    embed_dropout: float = 0.1  # locked dropout on the embeddings
     # optimisation; batch_size is per worker, in windows of seq_len characters
     batch_size: int = 32
     carry_state: bool = True  # TBPTT over contiguous streams; False: shuffled windows from zero state
@@ -73,6 +74,7 @@ class TrainConfig:
             (self.cell in ("explicit", "fused"), f"--cell must be explicit or fused (got {self.cell!r})"),
             (self.hidden >= 1 and self.embed >= 1 and self.layers >= 1, "--hidden/--embed/--layers must be >= 1"),
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
+            (0.0 <= self.embed_dropout < 1.0, f"--embed-dropout must be in [0, 1) (got {self.embed_dropout})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
@@ -92,7 +94,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden=128, embed=32, batch_size=16, max_steps=200, max_minutes=0.0, eval_every=50, warmup_steps=20),
     "cpu-10min": dict(hidden=256, layers=1, embed=64, batch_size=32, lr=4e-3, max_minutes=10.0, max_steps=100000),
-    "best": dict(hidden=512, layers=2, embed=128, dropout=0.2, batch_size=32, lr=3e-3, weight_decay=0.1,
+    "best": dict(hidden=512, layers=2, embed=128, dropout=0.2, embed_dropout=0.1, batch_size=32, lr=3e-3, weight_decay=0.1,
                  max_minutes=60.0, max_steps=1000000, eval_every=500),
 }
 

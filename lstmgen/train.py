@@ -152,7 +152,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     model_cfg = ModelConfig(vocab_size=len(vocab_tokens), embed=cfg.embed, hidden=cfg.hidden,
-                            layers=cfg.layers, dropout=cfg.dropout, cell=cfg.cell)
+                            layers=cfg.layers, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell)
     model = CharLSTM(model_cfg)
     step, elapsed, history, state, resumed_from = 0, 0.0, [], None, 0
     restored = ray.train.get_checkpoint()
