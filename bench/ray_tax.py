@@ -33,7 +33,8 @@ def plain_step_seconds(data: str, steps: int) -> float:
     cfg = TrainConfig(data=data, run="")
     torch.set_num_threads(2)  # what one Ray worker gets on this 2-core machine
     vocab = Vocab.from_json(Path(data, "vocab.json").read_text())
-    model = CharLSTM(ModelConfig(len(vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout, cfg.cell))
+    model = CharLSTM(ModelConfig(vocab_size=len(vocab), embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers,
+                                 dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     table = read_split(data, "train")
     order = np.random.default_rng(0).permutation(table.num_rows)

@@ -217,7 +217,8 @@ def evaluate(
     segment: int = typer.Option(50, "--segment", help="Characters per dynamic-evaluation step."),
     dynamic_lr: float = typer.Option(3e-4, "--dynamic-lr", help="Dynamic-evaluation step size (RMS-normalised)."),
     dynamic_decay: float = typer.Option(0.0, "--dynamic-decay", help="Pull toward the trained weights per step."),
-    mix_order: int = typer.Option(0, "--mix-counts", help="Also mix with an adaptive count model of this context order."),
+    mix_order: int = typer.Option(0, "--mix-counts", help="Also mix with an adaptive count model of contexts up to this order (10)."),
+    mix_lr: float = typer.Option(0.2, "--mix-lr", help="Online step size of the mixture's gate."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     s3_endpoint: Optional[str] = S3_ENDPOINT,
 ) -> None:
@@ -227,7 +228,7 @@ def evaluate(
 
     result = run_evaluate(EvaluateConfig(checkpoint=checkpoint, data=data, split=split, streams=streams, dynamic=dynamic,
                                          segment=segment, dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay,
-                                         mix_order=mix_order))
+                                         mix_order=mix_order, mix_lr=mix_lr))
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -235,7 +236,7 @@ def evaluate(
         typer.echo(f"{result['split']}: {result['bpc']:.4f} {kind}bits per character over {result['chars']:,} chars "
                    f"(step {result['step']}, {result['checkpoint']})")
         if "mixture_bpc" in result:
-            typer.echo(f"{result['split']}: {result['count_bpc']:.4f} bpc count model alone (order {mix_order}), "
+            typer.echo(f"{result['split']}: {result['count_bpc']:.4f} bpc count model alone (orders 0-{mix_order}), "
                        f"{result['mixture_bpc']:.4f} bpc LSTM + count-model mixture")
 
 

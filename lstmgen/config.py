@@ -170,5 +170,6 @@ class EvaluateConfig:
     segment: int = 50
     dynamic_lr: float = 3e-4
     dynamic_decay: float = 0.0
-    mix_order: int = 0  # > 0: also mix with an adaptive count model of this order (lstmgen.mixture)
+    mix_order: int = 0  # > 0: also mix with an adaptive count model of orders 0..this (lstmgen.mixture)
+    mix_lr: float = 0.2  # the mixture gate's online step size
 

@@ -127,12 +127,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.time()
     extra: dict = {}
     if cfg.mix_order:
-        from lstmgen.mixture import CountModel, mix_bits
+        from lstmgen.mixture import Mixture
 
         lr = cfg.dynamic_lr if cfg.dynamic else 0.0
         bpc, lstm_bits = dynamic_bpc(model, ids, segment=cfg.segment, lr=lr, decay=cfg.dynamic_decay, per_char=True)
-        counts = CountModel(len(loaded.vocab), cfg.mix_order).fit(split_stream(cfg.data, "train")).bits(ids)
-        extra = {"count_bpc": float(counts.mean()), "mixture_bpc": float(mix_bits(lstm_bits, counts).mean())}
+        mixture = Mixture(split_stream(cfg.data, "train"), ids, len(loaded.vocab), cfg.mix_order)
+        extra = {"count_bpc": float(mixture.count_bits(cfg.mix_lr).mean()),
+                 "mixture_bpc": float(mixture.mixed_bits(lstm_bits, cfg.mix_lr).mean())}
     elif cfg.dynamic:
         bpc = dynamic_bpc(model, ids, segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay, progress=True)
     else:

@@ -2,79 +2,139 @@
 
 A compressor such as PPMd wins on a small corpus because it remembers exact strings it has
 seen: a name that occurred three paragraphs ago is cheap the second time. The LSTM generalises
-but forgets such specifics. The count model here holds, for every context of the last 0..order
+but forgets such specifics. The count model here holds, for every context of the last 0..K
 characters, how often each character followed it (training text first, then the held-out text
-as it is scored), and blends the orders by Witten-Bell interpolation:
+as it is scored), and turns each order into a prediction by Witten-Bell interpolation with the
+orders below it:
 
     p_k(x) = (c_k(x) + d_k * p_{k-1}(x)) / (n_k + d_k),   p_{-1} = 1 / V
 
 (c: count of x after the order-k context, n: all counts there, d: distinct characters seen
-there). The two predictions are mixed per character with Bayesian weights updated by how well
-each predicted the character just read, with a fixed share so that the weights keep moving.
-Only the probability of the character that actually comes is needed, so scoring is a scalar
-recursion per character.
+there). No single order is best everywhere: a long context seen twice is worth more than a
+short one seen a thousand times only when it is deterministic. So a gate picks the blend: the
+weights over the orders (and, when mixing, the LSTM) are a softmax of logits chosen by the
+context's class (longest order seen, how often, whether only one character ever followed it).
+The logits are fitted on the training text, where every position is predicted from the text
+before it, then keep learning online as the scored text is read (each character scored before
+the update), as a compressor's model does.
+
+Only the probability of the character that actually comes is needed from each expert, and a
+mixture of distributions is a distribution, so scoring never normalises over the vocabulary.
+The counts are computed for all positions at once with sorts (numpy), not a dictionary per
+character.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+import torch
+
+N_BUCKETS = (1, 2, 3, 5, 9, 17, 33)  # bucket edges of the context's count at its longest order
 
 
-class CountModel:
-    def __init__(self, vocab_size: int, order: int = 5):
-        self.vocab_size = vocab_size
-        self.order = order
-        self.tables: list[dict[bytes, dict[int, int]]] = [{} for _ in range(order + 1)]
-
-    def _keys(self, ids: np.ndarray, t: int):
-        for k in range(min(self.order, t) + 1):
-            yield k, ids[t - k : t].tobytes()
-
-    def prob(self, ids: np.ndarray, t: int) -> float:
-        """P(ids[t] | ids[:t]) before ids[t] is counted."""
-        x = int(ids[t])
-        p = 1.0 / self.vocab_size
-        for k, key in self._keys(ids, t):
-            table = self.tables[k].get(key)
-            if table:
-                total, distinct = table[-1], len(table) - 1
-                p = (table.get(x, 0) + distinct * p) / (total + distinct)
-        return p
-
-    def update(self, ids: np.ndarray, t: int) -> None:
-        x = int(ids[t])
-        for k, key in self._keys(ids, t):
-            table = self.tables[k].setdefault(key, {-1: 0})
-            table[x] = table.get(x, 0) + 1
-            table[-1] += 1
-
-    def fit(self, ids: np.ndarray) -> CountModel:
-        ids = np.ascontiguousarray(ids, dtype=np.uint16)
-        for t in range(len(ids)):
-            self.update(ids, t)
-        return self
-
-    def bits(self, ids: np.ndarray) -> np.ndarray:
-        """Bits for ids[1:], each scored before it is counted (adapting as it reads)."""
-        ids = np.ascontiguousarray(ids, dtype=np.uint16)
-        out = np.empty(len(ids) - 1)
-        for t in range(1, len(ids)):
-            out[t - 1] = -math.log2(self.prob(ids, t))
-            self.update(ids, t)
-        return out
+def _rank_in_group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each position, how many earlier positions share its key; plus the stable sort order
+    and the group starts in sorted order."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    start = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+    index = np.arange(len(keys))
+    group_first = np.maximum.accumulate(np.where(start, index, 0))
+    rank = np.empty(len(keys), np.int64)
+    rank[order] = index - group_first
+    return rank, order, group_first
 
 
-def mix_bits(a: np.ndarray, b: np.ndarray, share: float = 0.02) -> np.ndarray:
-    """Per-character bits of the Bayesian mixture of two predictors (given their bits on the same
-    characters), with fixed-share weight updates."""
-    w = np.array([0.5, 0.5])
-    out = np.empty(len(a))
-    pa, pb = np.exp2(-a), np.exp2(-b)
-    for t in range(len(a)):
-        p = w[0] * pa[t] + w[1] * pb[t]
-        out[t] = -math.log2(p)
-        w = np.array([w[0] * pa[t], w[1] * pb[t]]) / p
-        w = (1 - share) * w + share / 2
-    return out
+def context_counts(ids: np.ndarray, k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(c, n, d) of every position's order-k context, counted over the positions before it."""
+    ids64 = ids.astype(np.uint64)
+    key = np.zeros(len(ids), np.uint64)
+    for j in range(1, k + 1):  # the context as a number in base V + 1 (wraps past 2^64: a hash)
+        previous = np.zeros(len(ids), np.uint64)
+        previous[j:] = ids64[:-j] + np.uint64(1)
+        key = key * np.uint64(vocab_size + 1) + previous
+    n, order, group_first = _rank_in_group(key)
+    c, _, _ = _rank_in_group(key * np.uint64(vocab_size + 7) + ids64 * np.uint64(0x9E3779B97F4A7C15))
+    new_char = (c == 0).astype(np.int64)[order]  # first time this character follows this context
+    seen_before = np.cumsum(new_char) - new_char
+    d = np.empty(len(ids), np.int64)
+    d[order] = seen_before - seen_before[group_first]
+    return c, n, d
+
+
+def count_experts(ids: np.ndarray, vocab_size: int, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position: the probability of the character there under p_{-1}..p_K (N, K + 2), and
+    the gate class of its context."""
+    p = np.full(len(ids), 1.0 / vocab_size)
+    experts, counts, distinct = [p], [], []
+    for k in range(order + 1):
+        c, n, d = context_counts(ids, k, vocab_size)
+        p = np.where(n > 0, (c + d * p) / np.maximum(n + d, 1), p)
+        experts.append(p)
+        counts.append(n)
+        distinct.append(d)
+    n, d = np.stack(counts, 1), np.stack(distinct, 1)
+    rows = np.arange(len(ids))
+    longest = (n > 0).sum(1) - 1
+    bucket = np.digitize(n[rows, longest], N_BUCKETS)
+    deterministic = d[rows, longest] == 1
+    classes = (longest * (len(N_BUCKETS) + 1) + bucket) * 2 + deterministic
+    return np.stack(experts, 1), classes
+
+
+def n_classes(order: int) -> int:
+    return (order + 1) * (len(N_BUCKETS) + 1) * 2
+
+
+def fit_gate(experts: np.ndarray, classes: np.ndarray, order: int, iters: int = 100) -> np.ndarray:
+    """Gate logits (classes x experts) minimising bits on these positions (training text)."""
+    q = torch.from_numpy(experts.astype(np.float32))
+    cls = torch.from_numpy(classes)
+    logits = torch.zeros(n_classes(order), experts.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(iters):
+        p = (torch.softmax(logits[cls], 1) * q).sum(1)
+        loss = -torch.log(p).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return logits.detach().double().numpy()
+
+
+def online_bits(logits: np.ndarray, experts: np.ndarray, classes: np.ndarray, lr: float) -> np.ndarray:
+    """Bits of the gated mixture, each character scored before the gate takes one gradient step
+    on it (the gradient of -ln p with respect to the class's logits is w - w * q / p)."""
+    logits = logits.copy()
+    out = np.empty(len(experts))
+    for t in range(len(experts)):
+        row = logits[classes[t]]
+        w = np.exp(row - row.max())
+        w /= w.sum()
+        wq = w * experts[t]
+        p = wq.sum()
+        out[t] = p
+        row -= lr * (w - wq / p)
+    return -np.log2(out)
+
+
+class Mixture:
+    """The count model's experts and gate for ``ids`` scored after ``train_ids``. Bits are for
+    ids[1:], the characters the LSTM scores (each predicted from all the text before it)."""
+
+    def __init__(self, train_ids: np.ndarray, ids: np.ndarray, vocab_size: int, order: int = 10):
+        stream = np.concatenate([train_ids, ids]).astype(np.int64)
+        experts, classes = count_experts(stream, vocab_size, order)
+        start = len(train_ids)
+        fit_from = min(start // 20, 50_000)  # the first positions have almost no counts behind them
+        self.logits = fit_gate(experts[fit_from:start], classes[fit_from:start], order)
+        self.experts, self.classes = experts[start + 1 :], classes[start + 1 :]
+
+    def count_bits(self, lr: float = 0.2) -> np.ndarray:
+        """The count model alone (gate fitted on the training text, then learning online)."""
+        return online_bits(self.logits, self.experts, self.classes, lr)
+
+    def mixed_bits(self, lstm_bits: np.ndarray, lr: float = 0.2) -> np.ndarray:
+        """The LSTM (its bits on the same characters) as one more expert under the same gate."""
+        experts = np.concatenate([self.experts, np.exp2(-lstm_bits)[:, None]], 1)
+        logits = np.concatenate([self.logits, np.zeros((len(self.logits), 1))], 1)
+        return online_bits(logits, experts, self.classes, lr)

@@ -42,24 +42,43 @@ def test_dynamic_evaluation_adapts_and_restores_the_weights():
         assert torch.equal(p, before[n])
 
 
+def test_context_counts_match_a_direct_count():
+    from lstmgen.mixture import context_counts
+
+    ids = np.random.default_rng(4).integers(0, 5, 400)
+    for k in (0, 1, 3):
+        c, n, d = context_counts(ids, k, vocab_size=5)
+        for t in (0, 1, 2, 57, 200, 399):
+            ctx = tuple(ids[max(0, t - k) : t])
+            earlier = [u for u in range(t) if tuple(ids[max(0, u - k) : u]) == ctx]
+            assert n[t] == len(earlier)
+            assert c[t] == sum(ids[u] == ids[t] for u in earlier)
+            assert d[t] == len({int(ids[u]) for u in earlier})
+
+
+def test_count_experts_are_distributions():
+    from lstmgen.mixture import count_experts
+
+    prefix = np.random.default_rng(3).integers(0, 20, 500)
+    totals = np.zeros(5)
+    for x in range(20):
+        experts, _ = count_experts(np.append(prefix, x), vocab_size=20, order=3)
+        totals += experts[-1]
+    assert np.allclose(totals, 1, atol=1e-9), totals
+
+
 def test_count_model_learns_repeats_and_the_mixture_tracks_the_better_predictor():
-    from lstmgen.mixture import CountModel, mix_bits
+    from lstmgen.mixture import Mixture
 
     rng = np.random.default_rng(2)
-    text = np.tile(rng.integers(0, 20, 200), 10)
-    counts = CountModel(vocab_size=20, order=4).bits(text)
-    assert counts[:199].mean() > 3.5 and counts[-500:].mean() < 0.2  # uniform-ish first, near-certain once repeated
-    flat = np.full(len(counts), np.log2(20))
-    mixed = mix_bits(counts, flat)
-    # A Bayesian mixture never costs more than the better predictor plus its switching overhead.
-    assert mixed.sum() <= min(counts.sum(), flat.sum()) + 1 + len(counts) * -np.log2(1 - 0.02 / 2)
+    train = rng.integers(0, 20, 3000)
+    text = np.tile(rng.integers(0, 20, 200), 10)  # unseen in training, then repeated
+    mixture = Mixture(train, text, vocab_size=20, order=4)
+    counts = mixture.count_bits()
+    assert counts[:199].mean() > 3.5 and counts[-500:].mean() < 0.3  # uniform-ish first, near-certain once repeated
+    flat = np.full(len(counts), np.log2(20))  # a predictor that learns nothing
+    mixed = mixture.mixed_bits(flat)
     assert mixed.sum() < flat.sum() - 1000
-
-
-def test_count_model_probabilities_sum_to_one():
-    from lstmgen.mixture import CountModel
-
-    model = CountModel(vocab_size=20, order=3).fit(np.random.default_rng(3).integers(0, 20, 500))
-    for context in ([1, 2, 3], [7], []):
-        total = sum(model.prob(np.array([*context, x], dtype=np.uint16), len(context)) for x in range(20))
-        assert abs(total - 1) < 1e-9
+    assert mixed.sum() < counts.sum() * 1.1  # the gate learns to trust the counts
+    sharp = np.where(np.arange(len(counts)) < 200, 0.5, 4.0)  # an expert right first, then useless
+    assert mixture.mixed_bits(sharp)[:199].mean() < counts[:199].mean() - 1
