@@ -89,7 +89,8 @@ def main() -> None:
             model, vocab, ckpt = loaded.model(), loaded.vocab, loaded.path
         else:
             vocab = Vocab.from_codepoints(range(32, 32 + VOCAB - 1))
-            model = CharLSTM(ModelConfig(vocab_size=len(vocab), embed=EMBED, hidden=HIDDEN, layers=1, dropout=0.0)).eval()
+            cfg = ModelConfig(vocab_size=len(vocab), embed=EMBED, hidden=HIDDEN, layers=1, dropout=0.0, embed_dropout=0.0)
+            model = CharLSTM(cfg).eval()
             ckpt = f"{tmp}/checkpoint_0000000"
             checkpoint.save(ckpt, {"model": model.state_dict(), "optimizer": {}, "step": 0, "elapsed": 0.0},
                             {"step": 0, "metrics": {}, "model": asdict(model.cfg), "vocab": vocab.tokens, "train": {}})

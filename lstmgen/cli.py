@@ -218,7 +218,7 @@ def evaluate(
     dynamic_lr: float = typer.Option(3e-4, "--dynamic-lr", help="Dynamic-evaluation step size (RMS-normalised)."),
     dynamic_decay: float = typer.Option(0.0, "--dynamic-decay", help="Pull toward the trained weights per step."),
     mix_order: int = typer.Option(0, "--mix-counts", help="Also mix with an adaptive count model of contexts up to this order (10)."),
-    mix_lr: float = typer.Option(0.2, "--mix-lr", help="Online step size of the mixture's gate."),
+    mix_lr: float = typer.Option(0.4, "--mix-lr", help="Online step size of the mixture's gate."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     s3_endpoint: Optional[str] = S3_ENDPOINT,
 ) -> None:

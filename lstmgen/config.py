@@ -171,5 +171,5 @@ class EvaluateConfig:
     dynamic_lr: float = 3e-4
     dynamic_decay: float = 0.0
     mix_order: int = 0  # > 0: also mix with an adaptive count model of orders 0..this (lstmgen.mixture)
-    mix_lr: float = 0.2  # the mixture gate's online step size
+    mix_lr: float = 0.4  # the mixture gate's online step size (chosen on the training tail by bench/quality.py)
 

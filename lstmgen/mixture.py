@@ -129,11 +129,11 @@ class Mixture:
         self.logits = fit_gate(experts[fit_from:start], classes[fit_from:start], order)
         self.experts, self.classes = experts[start + 1 :], classes[start + 1 :]
 
-    def count_bits(self, lr: float = 0.2) -> np.ndarray:
+    def count_bits(self, lr: float = 0.4) -> np.ndarray:
         """The count model alone (gate fitted on the training text, then learning online)."""
         return online_bits(self.logits, self.experts, self.classes, lr)
 
-    def mixed_bits(self, lstm_bits: np.ndarray, lr: float = 0.2) -> np.ndarray:
+    def mixed_bits(self, lstm_bits: np.ndarray, lr: float = 0.4) -> np.ndarray:
         """The LSTM (its bits on the same characters) as one more expert under the same gate."""
         experts = np.concatenate([self.experts, np.exp2(-lstm_bits)[:, None]], 1)
         logits = np.concatenate([self.logits, np.zeros((len(self.logits), 1))], 1)

@@ -11,7 +11,7 @@ from lstmgen.model import CharLSTM, ModelConfig
 
 def _model() -> CharLSTM:
     torch.manual_seed(0)
-    return CharLSTM(ModelConfig(vocab_size=20, embed=8, hidden=32, layers=1, dropout=0.0))
+    return CharLSTM(ModelConfig(vocab_size=20, embed=8, hidden=32, layers=1, dropout=0.0, embed_dropout=0.0))
 
 
 def test_rows_score_every_target_once():

@@ -23,7 +23,7 @@ def tiny_checkpoint(tmp_path_factory):
     text = wiki_text(30_000)
     vocab = Vocab.from_codepoints([ord(c) for c in text])
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=len(vocab), embed=16, hidden=64, layers=2, dropout=0.0)
+    cfg = ModelConfig(vocab_size=len(vocab), embed=16, hidden=64, layers=2, dropout=0.0, embed_dropout=0.0)
     model = CharLSTM(cfg)
     ids = torch.tensor(vocab.encode(text))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

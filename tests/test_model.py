@@ -8,7 +8,7 @@ from lstmgen.model import CharLSTM, ModelConfig, bits_per_char
 
 def _pair(layers: int, dtype=torch.float64):
     torch.manual_seed(0)
-    model = CharLSTM(ModelConfig(vocab_size=40, embed=12, hidden=24, layers=layers, dropout=0.0)).to(dtype)
+    model = CharLSTM(ModelConfig(vocab_size=40, embed=12, hidden=24, layers=layers, dropout=0.0, embed_dropout=0.0)).to(dtype)
     return model
 
 
