@@ -89,15 +89,16 @@ def main() -> None:
         tune = train_ids[-20000:]  # tuned on training text only
         if args.dynamic:
             lr, decay = (float(v) for v in args.dynamic.split(","))
+            _, tail_bits = dynamic_bpc(model, tune, lr=lr, decay=decay, per_char=True)
         else:
             best = None
             for lr in (1e-4, 3e-4, 1e-3):
                 for decay in (0.0, 1e-3):
-                    b = dynamic_bpc(model, tune, lr=lr, decay=decay)
+                    b, bits = dynamic_bpc(model, tune, lr=lr, decay=decay, per_char=True)
                     print(f"  tune on training tail: lr {lr:.0e} decay {decay:.0e} -> {b:.4f}")
                     if best is None or b < best[0]:
-                        best = (b, lr, decay)
-            _, lr, decay = best
+                        best = (b, lr, decay, bits)
+            _, lr, decay, tail_bits = best
         target = held if args.dynamic_chars < 0 else held[: args.dynamic_chars]
         t0 = time.time()
         dyn, lstm_bits = dynamic_bpc(model, target, lr=lr, decay=decay, per_char=True)
@@ -107,7 +108,6 @@ def main() -> None:
         # on the training tail, with the LSTM's dynamic bits there (never on the held-out part).
         from lstmgen.mixture import Mixture
 
-        _, tail_bits = dynamic_bpc(model, tune, lr=lr, decay=decay, per_char=True)
         on_tail = Mixture(train_ids[:-20000], tune, len(loaded.vocab), order=10)
         tail = {mix_lr: on_tail.mixed_bits(tail_bits, mix_lr).mean() for mix_lr in (0.05, 0.1, 0.2, 0.4)}
         mix_lr = min(tail, key=tail.get)

@@ -173,3 +173,15 @@ class EvaluateConfig:
     mix_order: int = 0  # > 0: also mix with an adaptive count model of orders 0..this (lstmgen.mixture)
     mix_lr: float = 0.4  # the mixture gate's online step size (chosen on the training tail by bench/quality.py)
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.streams >= 1, f"--streams must be at least 1 (got {self.streams})"),
+            (self.segment >= 1, f"--segment must be at least 1 (got {self.segment})"),
+            (self.dynamic_lr >= 0 and self.dynamic_decay >= 0, "--dynamic-lr and --dynamic-decay must be >= 0"),
+            (self.mix_order >= 0, f"--mix-counts must be 0 (off) or a context order (got {self.mix_order})"),
+            (self.mix_lr >= 0, f"--mix-lr must be >= 0 (got {self.mix_lr})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LstmgenError(message)
+

@@ -78,8 +78,8 @@ class LSTMRecurrence(torch.autograd.Function):
 
     Works time-major, ``(time, batch, 4H)``, so every step reads and writes contiguous rows, with
     the gates in the order o, i, f, g (``gate_order`` permutes nn.LSTM's i, f, g, o). On a CPU
-    tanh costs about three sigmoids, so the loop computes tanh(z) as 2 sigmoid(2z) - 1: the
-    caller passes the g rows of ``xw`` and ``w_hh`` doubled (``gate_scale``), one sigmoid covers
+    tanh costs about three sigmoids, so the loop computes the candidate gate's tanh(z) as
+    2 sigmoid(2z) - 1: the caller passes the g rows of ``xw`` and ``w_hh`` doubled (``gate_scale``), one sigmoid covers
     all four gates, and the backward's g factor carries the 1/2. Forward runs without an autograd
     graph, keeping the gate activations, cell states and tanh of the cell states.
     Backward precomputes, for all steps at once, every factor that does not depend on the

@@ -60,6 +60,12 @@ def test_evaluate_gives_finite_bpc_below_uniform(trained):
     assert result["step"] == 80
 
 
+def test_bad_evaluation_flags(trained):
+    one_line_error(run_cli("evaluate", "--checkpoint", "runs/first", "--data", "data", "--mix-counts", "-1", cwd=trained), "--mix-counts")
+    one_line_error(run_cli("evaluate", "--checkpoint", "runs/first", "--data", "data", "--dynamic", "--segment", "0", cwd=trained),
+                   "--segment")
+
+
 def test_checkpoints_list_and_report(trained):
     r = run_cli("checkpoints", "list", "runs/first", cwd=trained)
     assert r.returncode == 0, r.stderr
