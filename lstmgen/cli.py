@@ -24,6 +24,7 @@ from lstmgen.config import (
     GenerateConfig,
     PrepareConfig,
     SampleConfig,
+    parse_workers,
     train_config,
 )
 from lstmgen.errors import LstmgenError
@@ -39,6 +40,9 @@ JOB_SERVER = typer.Option(None, "--address", envvar="RAY_ADDRESS",
 
 S3_ENDPOINT = typer.Option(None, "--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
 ADDRESS = typer.Option(None, "--address", help="Run on this Ray cluster instead of an embedded one (GCS address).")
+SHARED_FS = typer.Option(False, "--shared-fs", help="Local paths are on a filesystem mounted on every node (EFS, NFS); "
+                        "otherwise a multi-node cluster needs s3://.")
+WAIT_TIMEOUT = typer.Option(600.0, "--wait-timeout", help="Seconds to wait for the cluster to offer the job's resources.")
 
 
 def _setup(s3_endpoint: Optional[str], address: Optional[str] = None, workers: int = 0, ray: bool = True) -> None:
@@ -74,13 +78,15 @@ def prepare(
     sha256: str = typer.Option(WIKITEXT2_SHA256, "--sha256", envvar="LSTMGEN_WIKITEXT_SHA256", help="Expected SHA-256 of the archive."),
     cache_dir: str = typer.Option("~/.cache/lstmgen", "--cache-dir", envvar="LSTMGEN_CACHE", help="Download cache."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace prepared data already at --out."),
+    shared_fs: bool = SHARED_FS,
     s3_endpoint: Optional[str] = S3_ENDPOINT,
     address: Optional[str] = ADDRESS,
 ) -> None:
     """Corpus -> vocabulary + Parquet windows (train/, valid/, test/, vocab.json, manifest.json)."""
     cfg = PrepareConfig(out=storage.absolute(out), corpus=[storage.absolute(c) for c in corpus or []],
                         seq_len=seq_len, valid_fraction=valid_fraction,
-                        chunk_mb=chunk_mb, url=url, sha256=sha256, cache_dir=cache_dir, overwrite=overwrite)
+                        chunk_mb=chunk_mb, url=url, sha256=sha256, cache_dir=cache_dir, overwrite=overwrite,
+                        shared_fs=shared_fs)
     _setup(s3_endpoint, address)
     from lstmgen.prepare import prepare as run_prepare
 
@@ -92,8 +98,11 @@ def train(
     data: str = typer.Option(..., "--data", help="Directory written by lstmgen prepare."),
     run: str = typer.Option(..., "--run", help="Run directory for checkpoints and metrics (local or s3://)."),
     preset: str = typer.Option("", "--preset", help=f"Named recipe: {', '.join(PRESETS)}. Flags override it."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data-parallel Ray Train workers. [default: 2]"),
+    workers: Optional[str] = typer.Option(None, "--workers", help="Data-parallel Ray Train workers: N, or MIN-MAX to "
+                                          "grow and shrink with the cluster (elastic). [default: 2]"),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="One GPU per worker. [default: cpu]"),
+    wait_timeout: Optional[float] = typer.Option(None, "--wait-timeout", help=f"{WAIT_TIMEOUT.help} [default: 600]"),
+    shared_fs: Optional[bool] = typer.Option(None, "--shared-fs", help=SHARED_FS.help),
     cell: Optional[str] = typer.Option(None, "--cell", help="explicit (gates in Python) or fused (nn.LSTM/cuDNN)."),
     embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size. [default: 64]"),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="LSTM hidden size. [default: 256]"),
@@ -121,13 +130,15 @@ def train(
     address: Optional[str] = ADDRESS,
 ) -> None:
     """Train the LSTM with Ray Train; checkpoints, metrics.jsonl and loss.png go to --run."""
-    flags = dict(workers=workers, gpu=gpu, cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
+    workers_min, workers_max = parse_workers(workers) if workers is not None else (None, None)
+    flags = dict(workers=workers_min, workers_max=workers_max, gpu=gpu, wait_timeout=wait_timeout, shared_fs=shared_fs,
+                 cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
                  embed_dropout=embed_dropout, batch_size=batch_size, carry_state=carry_state, lr=lr, weight_decay=weight_decay,
                  warmup_steps=warmup_steps, clip=clip,
                  max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
                  checkpoint_every=checkpoint_every, log_every=log_every, val_chars=val_chars, keep=keep, max_failures=max_failures)
     cfg = train_config(preset, data=storage.absolute(data), run=storage.absolute(run), resume=resume, **flags)
-    _setup(s3_endpoint, address, workers=cfg.workers)
+    _setup(s3_endpoint, address, workers=max(cfg.workers, cfg.workers_max))
     from lstmgen.train import train as run_train
 
     metrics = run_train(cfg)
@@ -156,6 +167,8 @@ def generate(
     concurrency: int = typer.Option(2, "--concurrency", help="Generation actors."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per actor."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    wait_timeout: float = WAIT_TIMEOUT,
+    shared_fs: bool = SHARED_FS,
     s3_endpoint: Optional[str] = S3_ENDPOINT,
     address: Optional[str] = ADDRESS,
 ) -> None:
@@ -165,7 +178,7 @@ def generate(
     cfg = GenerateConfig(checkpoint=storage.absolute(checkpoint), prime=prime.replace("\\n", "\n"), article=article,
                          primes_file=storage.absolute(primes_file), num_samples=num_samples, out=storage.absolute(out), format=fmt,
                          batch_size=batch_size, concurrency=concurrency, gpu=gpu, overwrite=overwrite,
-                         sampling=sampling)
+                         wait_timeout=wait_timeout, shared_fs=shared_fs, sampling=sampling)
     from lstmgen import generate as gen
 
     if cfg.out or cfg.primes_file or cfg.num_samples > 1:

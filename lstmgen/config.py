@@ -25,6 +25,7 @@ class PrepareConfig:
     sha256: str = WIKITEXT2_SHA256
     cache_dir: str = "~/.cache/lstmgen"
     overwrite: bool = False
+    shared_fs: bool = False  # local paths are on a filesystem every node mounts (EFS, NFS)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -39,8 +40,11 @@ class PrepareConfig:
 class TrainConfig:
     data: str
     run: str
-    workers: int = 2
+    workers: int = 2  # data-parallel workers; with workers_max, the fewest to start with
+    workers_max: int = 0  # > workers: elastic, grow up to this many as nodes join (0: fixed)
     gpu: bool = False
+    wait_timeout: float = 600.0  # seconds to wait for the cluster to offer the workers' resources
+    shared_fs: bool = False  # local --data/--run are on a filesystem every node mounts (EFS, NFS)
     # model
     cell: str = "explicit"  # "explicit" (gates written out) or "fused" (torch.nn.LSTM / cuDNN)
     embed: int = 64
@@ -71,6 +75,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.workers >= 1, f"--workers must be at least 1 (got {self.workers})"),
+            (self.workers_max == 0 or self.workers_max >= self.workers,
+             f"--workers MIN-MAX needs MAX >= MIN (got {self.workers}-{self.workers_max})"),
+            (self.wait_timeout > 0, f"--wait-timeout must be positive (got {self.wait_timeout})"),
             (self.cell in ("explicit", "fused"), f"--cell must be explicit or fused (got {self.cell!r})"),
             (self.hidden >= 1 and self.embed >= 1 and self.layers >= 1, "--hidden/--embed/--layers must be >= 1"),
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
@@ -88,6 +95,19 @@ class TrainConfig:
     @property
     def every_checkpoint(self) -> int:
         return self.checkpoint_every or self.eval_every
+
+    @property
+    def elastic(self) -> bool:
+        return self.workers_max > self.workers
+
+
+def parse_workers(text: str) -> tuple[int, int]:
+    """``--workers N`` (fixed) or ``--workers MIN-MAX`` (elastic) -> (workers, workers_max)."""
+    low, dash, high = str(text).partition("-")
+    try:
+        return (int(low), int(high)) if dash else (int(low), 0)
+    except ValueError:
+        raise LstmgenError(f"--workers takes N or MIN-MAX, like 2 or 2-8 (got {text!r})") from None
 
 
 # Named recipes. Explicit flags override them. Figures in README "Results".
@@ -147,6 +167,8 @@ class GenerateConfig:
     concurrency: int = 2
     gpu: bool = False
     overwrite: bool = False
+    wait_timeout: float = 600.0  # seconds to wait for the cluster to offer the actors' resources
+    shared_fs: bool = False  # a local --checkpoint is on a filesystem every node mounts
     sampling: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:

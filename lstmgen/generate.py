@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lstmgen import checkpoint, storage
+from lstmgen import capacity, checkpoint, storage
 from lstmgen.config import GenerateConfig, SampleConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
@@ -215,14 +215,18 @@ def generate_job(cfg: GenerateConfig) -> dict:
         check_prime(p["prime"], loaded.vocab)
     items = [{"prime_index": i, "prime": p["prime"], "sample": s, "seed": derive_seed(cfg.sampling.seed, i, s)}
              for i, p in enumerate(primes) for s in range(p.get("num_samples", cfg.num_samples))]
+    capacity.require_shared_storage({"--checkpoint": loaded.path}, cfg.shared_fs)
+    bundle, use_gpu = capacity.bundle_for(cfg.gpu)
+    capacity.require("generate", bundle, cfg.concurrency, cfg.wait_timeout)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    device = "cuda" if cfg.gpu else "cpu"
+    device = "cuda" if use_gpu else "cpu"
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cfg.concurrency))).map_batches(
         GenerateActor,
         fn_constructor_kwargs={"checkpoint_path": loaded.path, "sampling": asdict(cfg.sampling), "device": device},
         batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.concurrency,
-        num_gpus=1 if cfg.gpu else 0, num_cpus=0 if cfg.gpu else 1,
+        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+        resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None,
     )
     t0, chars, done = time.time(), 0, 0
     from tqdm import tqdm

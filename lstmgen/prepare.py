@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 
-from lstmgen import corpus, storage
+from lstmgen import capacity, corpus, storage
 from lstmgen.config import PrepareConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
@@ -34,6 +34,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     sources = cfg.corpus or [corpus.fetch_wikitext(cfg.url, cfg.sha256, cfg.cache_dir)]
     for src in sources:
         storage.check_bucket(src)
+    local_source = next((src for src in sources if not storage.is_s3(src)), "")
+    capacity.require_shared_storage({"--out": out, "--corpus": local_source}, cfg.shared_fs)
     splits = corpus.find_sources(sources)
     files = [f for split in corpus.SPLITS for f in splits.get(split, [])]
     split_of = {f: split for split in corpus.SPLITS for f in splits.get(split, [])}

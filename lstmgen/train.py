@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lstmgen import checkpoint, storage
+from lstmgen import capacity, checkpoint, storage
 from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
@@ -36,7 +36,8 @@ from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, detach
 from lstmgen.windows import collate, split_stream, table_stream
 
 MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
-RESUMABLE = ("max_steps", "max_minutes", "workers", "gpu", "max_failures", "eval_every", "log_every", "keep")
+RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "max_failures", "eval_every", "log_every", "keep",
+             "wait_timeout", "shared_fs")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -52,6 +53,11 @@ def train(cfg: TrainConfig) -> dict:
     storage.require_prefix(cfg.run)
     storage.check_bucket(cfg.run)
     cfg = _reconcile_run(cfg, vocab)
+    _check_windows_per_worker(cfg, manifest)
+    capacity.require_shared_storage({"--data": cfg.data, "--run": cfg.run}, cfg.shared_fs)
+    bundle, use_gpu = capacity.bundle_for(cfg.gpu)
+    capacity.require("train", bundle, cfg.workers, cfg.wait_timeout)
+    _save_run(cfg, vocab)
 
     fs, run_path = storage.resolve(cfg.run)
     storage_path, name = run_path.rsplit("/", 1)
@@ -75,8 +81,8 @@ def train(cfg: TrainConfig) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                               resources_per_worker={"CPU": 1}),
+        scaling_config=ray.train.ScalingConfig(num_workers=(cfg.workers, cfg.workers_max) if cfg.elastic else cfg.workers,
+                                               use_gpu=use_gpu, resources_per_worker=bundle),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -88,11 +94,23 @@ def train(cfg: TrainConfig) -> dict:
         ),
         datasets={"train": ds},
     )
-    print(f"train: {cfg.workers} worker(s) x batch {cfg.batch_size} x {manifest['seq_len']} chars -> {cfg.run}")
+    workers = f"{cfg.workers}-{cfg.workers_max} (elastic)" if cfg.elastic else str(cfg.workers)
+    print(f"train: {workers} worker(s) x batch {cfg.batch_size} x {manifest['seq_len']} chars -> {cfg.run}")
     result = trainer.fit()
     if result.error:
         raise result.error
     return dict(result.metrics or {})
+
+
+def _check_windows_per_worker(cfg: TrainConfig, manifest: dict) -> None:
+    """Refuse at once, on the driver, data too small to give every worker one batch: with carried
+    state a worker needs ``batch_size`` streams of at least one window plus its random start."""
+    windows = manifest["splits"]["train"]["windows"]
+    most = max(cfg.workers, cfg.workers_max)
+    need = cfg.batch_size + 2 if cfg.carry_state else cfg.batch_size
+    if windows // most < need:
+        raise LstmgenError(f"{cfg.data}: {windows} training windows cannot give each of {most} worker(s) a batch of "
+                           f"{cfg.batch_size} (needs {need} per worker); lower --batch-size or --workers, or add text")
 
 
 def _read_manifest(data: str) -> dict:
@@ -116,14 +134,18 @@ def _reconcile_run(cfg: TrainConfig, vocab: Vocab) -> TrainConfig:
         saved = json.loads(storage.read_text(saved_path))
         given = asdict(cfg)
         for key in RESUMABLE:
-            saved[key] = given[key] if given[key] != TrainConfig.__dataclass_fields__[key].default else saved[key]
+            default = TrainConfig.__dataclass_fields__[key].default
+            saved[key] = given[key] if given[key] != default else saved.get(key, default)
         saved.update(resume=True, data=cfg.data, run=cfg.run)
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
     elif has_run:
         raise LstmgenError(f"{cfg.run}: a run already exists here; pass --resume to continue it or choose another --run")
-    storage.write_text(saved_path, json.dumps(asdict(cfg), indent=1))
-    storage.write_text(vocab_path, vocab.to_json())
     return cfg
+
+
+def _save_run(cfg: TrainConfig, vocab: Vocab) -> None:
+    storage.write_text(storage.join(cfg.run, "train_config.json"), json.dumps(asdict(cfg), indent=1))
+    storage.write_text(storage.join(cfg.run, "vocab.json"), vocab.to_json())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,23 +202,29 @@ def train_loop(config: dict) -> None:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     fail_at = int(os.environ.get("LSTMGEN_FAIL_AT_STEP", "0"))  # fault-injection hook for tests
 
-    def progress_now() -> float:
+    def agree(have_batch: bool) -> tuple[float, bool]:
+        """One all-reduce per step: every worker learns the furthest progress (so all stop
+        together) and whether every worker has a next batch (so an epoch ends for all when
+        the shortest shard runs out; none waits in the gradient all-reduce while another
+        waits at Ray Data's epoch barrier)."""
         p = max(step / cfg.max_steps, (elapsed + time.time() - t_start) / budget if budget else 0.0)
-        if world > 1:  # every worker must agree on when to stop
-            t = torch.tensor([p], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            p = t.item()
-        return p
+        if world == 1:
+            return p, have_batch
+        t = torch.tensor([p, 0.0 if have_batch else 1.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t[0].item(), t[1].item() == 0.0
 
     t_start = time.time()
     window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
-    progress = progress_now()
-    rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
-    while progress < 1.0:
-        batches, carried = 0, None
-        for x, y in epoch_batches(shard, cfg, seq_len, rng):
-            batches += 1
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    rng = np.random.default_rng(cfg.seed + step)  # the same on every worker
+    progress, done = 0.0, False
+    while not done:
+        batches, carried, epoch_steps = epoch_batches(shard, cfg, seq_len, rng), None, 0
+        batch = next(batches, None)
+        progress, go = agree(batch is not None)
+        done = progress >= 1.0
+        while go and not done:
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             lr = lr_at(cfg, step, progress)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -210,12 +238,14 @@ def train_loop(config: dict) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
             step += 1
+            epoch_steps += 1
             window_bits += loss.item()
             window_steps += 1
             window_chars += x.numel() * world
             if fail_at and step == fail_at and _first_failure(cfg.run):
                 raise RuntimeError(f"injected failure at step {step} (LSTMGEN_FAIL_AT_STEP)")
-            progress = progress_now()
+            batch = next(batches, None)
+            progress, go = agree(batch is not None)
             done = progress >= 1.0
             if rank == 0 and (step % cfg.log_every == 0 or done):
                 rate = window_chars / max(1e-9, time.time() - t_window)
@@ -225,7 +255,7 @@ def train_loop(config: dict) -> None:
                 now = time.time()
                 row = {"step": step, "train_bpc": window_bits / max(1, window_steps), "lr": lr,
                        "chars_per_s": window_chars / max(1e-9, now - t_window),
-                       "elapsed_s": elapsed + now - t_start, "resumed_from": resumed_from}
+                       "elapsed_s": elapsed + now - t_start, "resumed_from": resumed_from, "workers": world}
                 if valid is not None:  # every worker scores its share of the rows
                     part = torch.tensor(stream_bits(raw, valid, device=str(device), part=(rank, world)),
                                         dtype=torch.float64, device=device)
@@ -237,10 +267,13 @@ def train_loop(config: dict) -> None:
                 _report(cfg, raw, opt, step, elapsed + now - t_start, row, history, vocab_tokens, model_cfg,
                         rank, seq_len, save=(step % cfg.every_checkpoint == 0 or done))
                 window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
-            if done:
-                break
-        if batches == 0:
-            raise LstmgenError(f"{cfg.data}: too few training windows for one batch of {cfg.batch_size} per worker")
+        if done:
+            break
+        for _ in batches:  # read the rest of this epoch: Ray Data starts the next when every worker has
+            pass
+        if epoch_steps == 0:  # every worker sees the same agreed count, so all stop here together
+            raise LstmgenError(f"{cfg.data}: an epoch gave some worker no batch of {cfg.batch_size}; "
+                               "lower --batch-size or --workers")
 
 
 def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):

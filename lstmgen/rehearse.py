@@ -1,0 +1,211 @@
+"""A multi-node Ray cluster on one machine, shaped like ``cluster.yaml``: rehearse a cluster job
+before paying for AWS.
+
+Ray ships a fake multi-node node provider (``fake_multinode``, the one behind
+``ray.cluster_utils.AutoscalingCluster``): the real autoscaler runs on the head and starts and
+stops worker "nodes", each a separate raylet with its own resources, on this machine. We build
+its config from ``cluster.yaml``: the same worker node types (names, min/max workers), the idle
+timeout scaled down from minutes to seconds. The nodes have no GPU, so each worker node offers
+one unit of the custom resource ``rehearsal_gpu`` instead, and ``LSTMGEN_GPU_RESOURCE`` tells
+jobs on this cluster that ``--gpu`` means one unit of it (the job then trains on the CPU). So
+``lstmgen submit train --gpu --workers 2 ...`` is the same command here as on AWS.
+
+What differs from AWS: every node shares this machine's disk and cores, so use ``s3://`` paths
+(or ``--shared-fs``) as a real cluster needs, and read throughput figures as what they are.
+Everything listens on 127.0.0.1 or this machine's own address; token authentication is on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lstmgen.errors import LstmgenError
+
+GPU_STANDIN = "rehearsal_gpu"
+CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
+NODE_ID_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"  # the fake provider gives each node's processes its id
+HEAD_NODE_ID = "f" * 51 + "00000"  # the id the fake provider expects of the head
+FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rehearsal_config(cluster_yaml: Path, gcs_address: str, cpus_per_node: int, head_cpus: int,
+                     idle_timeout_s: float, max_per_type: int | None = None) -> dict:
+    """The autoscaler config of the rehearsal: cluster.yaml's worker node types on fake nodes."""
+    import yaml
+
+    try:
+        source = yaml.safe_load(Path(cluster_yaml).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise LstmgenError(f"{cluster_yaml}: cannot read the cluster config ({exc})") from None
+    head_type = source.get("head_node_type")
+    node_types = {"ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}}
+    for name, spec in (source.get("available_node_types") or {}).items():
+        if name == head_type:
+            continue
+        most = int(spec.get("max_workers", source.get("max_workers", 2)))
+        node_types[name] = {"resources": {"CPU": cpus_per_node, GPU_STANDIN: 1}, "node_config": {},
+                            "min_workers": int(spec.get("min_workers", 0)),
+                            "max_workers": most if max_per_type is None else min(most, max_per_type)}
+    if len(node_types) == 1:
+        raise LstmgenError(f"{cluster_yaml}: no worker node types under available_node_types")
+    empty: list = []
+    return {
+        "cluster_name": f"{source.get('cluster_name', 'lstmgen')}-rehearsal",
+        "max_workers": int(source.get("max_workers", 2)),
+        "upscaling_speed": float(source.get("upscaling_speed", 1.0)),
+        "idle_timeout_minutes": idle_timeout_s / 60,
+        # "external" + module: the fake provider itself, without the defaults file the wheel lacks
+        "provider": {"type": "external", "module": FAKE_PROVIDER, "gcs_address": gcs_address,
+                     "launch_multiple": True, "head_node_id": HEAD_NODE_ID},
+        "auth": {"ssh_user": "ray"},
+        "available_node_types": node_types,
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": empty, "file_mounts_sync_continuously": False,
+        "rsync_exclude": empty, "rsync_filter": empty, "initialization_commands": empty, "setup_commands": empty,
+        "head_setup_commands": empty, "worker_setup_commands": empty, "head_start_ray_commands": empty,
+        "worker_start_ray_commands": empty,
+    }
+
+
+@dataclass
+class Rehearsal:
+    """A running rehearsal cluster: its job server URL, GCS address, and the env that reaches it."""
+
+    url: str
+    gcs_address: str
+    temp_dir: str
+    env: dict = field(repr=False)
+    token_path: Path = field(repr=False)
+
+    def _processes(self):
+        import psutil
+
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in a for a in (p.info["cmdline"] or [])):
+                    yield p
+            except psutil.Error:
+                continue
+
+    def stop(self) -> None:
+        """Stop every process of this cluster (and only those): head, autoscaler, nodes, workers."""
+        import psutil
+
+        procs = list(self._processes())
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        Path(self.temp_dir).unlink(missing_ok=True)
+
+    def nodes(self) -> list[dict]:
+        """Alive worker nodes as {"id", "type", "resources"} (the head is not listed)."""
+        from ray._raylet import GcsClient
+
+        client = GcsClient(address=self.gcs_address)
+        out = []
+        for info in client.get_all_node_info(timeout=10).values():
+            if info.state != 0:  # ALIVE
+                continue
+            resources = dict(info.resources_total)
+            if "node:__internal_head__" in resources:
+                continue
+            out.append({"id": info.node_id.hex(), "type": info.node_type_name, "resources": resources})
+        return out
+
+    def kill_node(self, node_id: str) -> int:
+        """Take a worker node away the way a spot reclaim looks to Ray: SIGKILL its raylet and
+        every process it started, with no warning. Returns how many processes were killed."""
+        import psutil
+
+        victims = []
+        for p in self._processes():
+            try:
+                if p.environ().get(NODE_ID_ENV) == node_id:  # the node's raylet, and all it started
+                    victims += [p, *p.children(recursive=True)]
+            except psutil.Error:
+                continue
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        return len(victims)
+
+
+def start(workdir: Path, cluster_yaml: Path = CLUSTER_YAML, cpus_per_node: int = 1, head_cpus: int = 1,
+          idle_timeout_s: float = 30.0, max_per_type: int | None = None, env: dict | None = None) -> Rehearsal:
+    """Start the head (with the autoscaler); worker nodes start at cluster.yaml's min_workers and
+    scale with demand. ``env`` is added to every node's environment (e.g. S3 endpoint, keys)."""
+    workdir = Path(workdir).resolve()
+    (workdir / "ray").mkdir(parents=True, exist_ok=True)
+    link = tempfile.mktemp(prefix="lsr", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    os.symlink(workdir / "ray", link)
+    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_address = f"127.0.0.1:{gcs_port}"
+    config = rehearsal_config(cluster_yaml, gcs_address, cpus_per_node, head_cpus, idle_timeout_s, max_per_type)
+    config_path = workdir / "autoscaler.json"
+    config_path.write_text(json.dumps(config, indent=1))
+    token_path = workdir / "auth_token"
+    if not token_path.exists():
+        token_path.write_text(secrets.token_hex(32))
+        token_path.chmod(0o600)
+    token = token_path.read_text().strip()
+
+    node_env = dict(os.environ)
+    node_env.update(env or {})
+    node_env.pop("RAY_ADDRESS", None)
+    node_env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_USAGE_STATS_ENABLED="0",
+                    RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, LSTMGEN_GPU_RESOURCE=GPU_STANDIN,
+                    RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_LOG_LEVEL="WARNING",
+                    # Autoscaler v2: it reconciles the provider's nodes with what Ray sees alive
+                    # (a killed node is replaced) and publishes the node types' limits.
+                    RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=HEAD_NODE_ID, **{NODE_ID_ENV: HEAD_NODE_ID})
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    cmd = [ray_bin, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+           f"--autoscaling-config={config_path}", f"--num-cpus={head_cpus}", f"--temp-dir={link}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+           "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}"]
+    out = subprocess.run(cmd, env=node_env, capture_output=True, text=True, timeout=180)
+    cluster = Rehearsal(f"http://127.0.0.1:{dashboard_port}", gcs_address, link, node_env, token_path)
+    if out.returncode != 0:
+        cluster.stop()
+        raise LstmgenError(f"ray start --head failed: {(out.stdout + out.stderr).strip().splitlines()[-1:]}")
+    request = urllib.request.Request(f"{cluster.url}/api/version", headers={"authorization": f"Bearer {token}"})
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                response.read()
+            return cluster
+        except Exception as exc:  # noqa: BLE001 - not up yet
+            if time.time() > deadline:
+                cluster.stop()
+                raise LstmgenError(f"the rehearsal cluster's job server did not answer in 90 s ({exc})") from None
+            time.sleep(1)
