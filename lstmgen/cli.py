@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -35,6 +36,8 @@ checkpoints_app = typer.Typer(no_args_is_help=True, help="List and copy a run's 
 app.add_typer(checkpoints_app, name="checkpoints")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, status, logs, stop.")
 app.add_typer(jobs_app, name="jobs")
+cluster_app = typer.Typer(no_args_is_help=True, help="Rehearse cluster.yaml on this machine before paying for AWS.")
+app.add_typer(cluster_app, name="cluster")
 JOB_SERVER = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                           help="Job server (dashboard) URL, e.g. http://127.0.0.1:8265 through `ray dashboard cluster.yaml`.")
 
@@ -376,6 +379,46 @@ def jobs_stop(job_id: str = typer.Argument(...), address: Optional[str] = JOB_SE
     typer.echo(f"{job_id}: {status}")
     if status not in sub.TERMINAL:
         raise LstmgenError(f"{job_id}: still {status} after {timeout:.0f} s")
+
+
+@cluster_app.command("rehearse")
+def cluster_rehearse(
+    cluster_yaml: str = typer.Option(str(Path(__file__).resolve().parent.parent / "cluster.yaml"), "--cluster-yaml",
+                                     help="The cluster config whose worker node types to mirror."),
+    workdir: str = typer.Option(".lstmgen-rehearsal", "--workdir", help="Ray's logs and the cluster's token go here."),
+    cpus_per_node: int = typer.Option(1, "--cpus-per-node", help="CPUs each simulated worker node offers."),
+    max_nodes_per_type: int = typer.Option(4, "--max-nodes-per-type", help="Cap on each node type's max_workers."),
+    idle_timeout: float = typer.Option(30.0, "--idle-timeout", help="Seconds before an idle worker node is removed."),
+    s3_endpoint: Optional[str] = S3_ENDPOINT,
+) -> None:
+    """Start a multi-node Ray cluster on this machine shaped like cluster.yaml: a head with the real
+    autoscaler, worker nodes (separate raylets) that start at zero and go when idle. Ctrl-C stops it."""
+    import time as clock
+
+    from lstmgen import rehearse
+
+    env = {"AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}
+    cluster = rehearse.start(Path(workdir), Path(cluster_yaml), cpus_per_node=cpus_per_node,
+                             max_per_type=max_nodes_per_type, idle_timeout_s=idle_timeout, env=env)
+    types = json.loads((Path(workdir) / "autoscaler.json").read_text())["available_node_types"]
+    shape = ", ".join(f"{name} {t['min_workers']}-{t['max_workers']}" for name, t in types.items() if "min_workers" in t)
+    typer.echo(f"rehearsal: job server {cluster.url}; worker node types {shape} (1 {rehearse.GPU_STANDIN} each, "
+               f"standing in for a GPU), idle timeout {idle_timeout:g} s\n"
+               f"In another terminal:\n  export RAY_ADDRESS={cluster.url} RAY_AUTH_TOKEN_PATH={cluster.token_path}\n"
+               "  lstmgen submit train --gpu --workers 2 --data s3://BUCKET/data --run s3://BUCKET/runs/r1 --follow\n"
+               "Ctrl-C stops the cluster.")
+    seen = None
+    try:
+        while True:
+            nodes = sorted(n["type"] for n in cluster.nodes())
+            if nodes != seen:
+                typer.echo(f"rehearsal: {len(nodes)} worker node(s) up" + (f": {', '.join(nodes)}" if nodes else ""))
+                seen = nodes
+            clock.sleep(2)
+    except KeyboardInterrupt:
+        typer.echo("rehearsal: stopping")
+    finally:
+        cluster.stop()
 
 
 # ---------------------------------------------------------------------------------------------

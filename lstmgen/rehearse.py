@@ -123,19 +123,24 @@ class Rehearsal:
         Path(self.temp_dir).unlink(missing_ok=True)
 
     def nodes(self) -> list[dict]:
-        """Alive worker nodes as {"id", "type", "resources"} (the head is not listed)."""
-        from ray._raylet import GcsClient
+        """Alive worker nodes as {"id", "type", "resources"} (the head is not listed), from the
+        job server's state API."""
+        import psutil
 
-        client = GcsClient(address=self.gcs_address)
-        out = []
-        for info in client.get_all_node_info(timeout=10).values():
-            if info.state != 0:  # ALIVE
+        request = urllib.request.Request(f"{self.url}/api/v0/nodes?limit=1000&detail=true",
+                                         headers={"authorization": f"Bearer {self.token_path.read_text().strip()}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            listed = json.loads(response.read())["data"]["result"]["result"]
+        types = {}
+        for p in self._processes():  # the fake provider tells each node's raylet its type
+            try:
+                environ = p.environ()
+            except psutil.Error:
                 continue
-            resources = dict(info.resources_total)
-            if "node:__internal_head__" in resources:
-                continue
-            out.append({"id": info.node_id.hex(), "type": info.node_type_name, "resources": resources})
-        return out
+            if environ.get(NODE_ID_ENV):
+                types[environ[NODE_ID_ENV]] = environ.get("RAY_NODE_TYPE_NAME", "")
+        return [{"id": n["node_id"], "type": types.get(n["node_id"], ""), "resources": n["resources_total"]}
+                for n in listed if n["state"] == "ALIVE" and not n["is_head_node"]]
 
     def kill_node(self, node_id: str) -> int:
         """Take a worker node away the way a spot reclaim looks to Ray: SIGKILL its raylet and
@@ -181,6 +186,7 @@ def start(workdir: Path, cluster_yaml: Path = CLUSTER_YAML, cpus_per_node: int =
     node_env.pop("RAY_ADDRESS", None)
     node_env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_USAGE_STATS_ENABLED="0",
                     RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, LSTMGEN_GPU_RESOURCE=GPU_STANDIN,
+                    LSTMGEN_CLUSTER_CONFIG=str(config_path),  # what jobs read to know the largest cluster
                     RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_LOG_LEVEL="WARNING",
                     # Autoscaler v2: it reconciles the provider's nodes with what Ray sees alive
                     # (a killed node is replaced) and publishes the node types' limits.

@@ -77,7 +77,7 @@ def train(cfg: TrainConfig) -> dict:
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if embedded() else 0
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
-                   "threads": threads}
+                   "threads": threads, "cluster": not embedded()}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -161,6 +161,7 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def train_loop(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -187,6 +188,8 @@ def train_loop(config: dict) -> None:
         resumed_from = step
         if rank == 0:
             print(f"train: resumed from step {step}")
+    if config["cluster"]:  # where each worker landed, for the job's log
+        print(f"train: worker {rank} of {world} on node {ray.get_runtime_context().get_node_id()}", flush=True)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model
     decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and "embed" not in n]
