@@ -107,6 +107,8 @@ def train(
     wait_timeout: Optional[float] = typer.Option(None, "--wait-timeout", help=f"{WAIT_TIMEOUT.help} [default: 600]"),
     shared_fs: Optional[bool] = typer.Option(None, "--shared-fs", help=SHARED_FS.help),
     cell: Optional[str] = typer.Option(None, "--cell", help="explicit (gates in Python) or fused (nn.LSTM/cuDNN)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (mixed precision: bf16 matmuls, "
+                                            "fp32 weights and states). [default: bf16 on a GPU, fp32 on a CPU]"),
     embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size. [default: 64]"),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="LSTM hidden size. [default: 256]"),
     layers: Optional[int] = typer.Option(None, "--layers", help="LSTM layers. [default: 1]"),
@@ -135,7 +137,7 @@ def train(
     """Train the LSTM with Ray Train; checkpoints, metrics.jsonl and loss.png go to --run."""
     workers_min, workers_max = parse_workers(workers) if workers is not None else (None, None)
     flags = dict(workers=workers_min, workers_max=workers_max, gpu=gpu, wait_timeout=wait_timeout, shared_fs=shared_fs,
-                 cell=cell, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
+                 cell=cell, precision=precision, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
                  embed_dropout=embed_dropout, batch_size=batch_size, carry_state=carry_state, lr=lr, weight_decay=weight_decay,
                  warmup_steps=warmup_steps, clip=clip,
                  max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
@@ -404,7 +406,8 @@ def cluster_rehearse(
     shape = ", ".join(f"{name} {t['min_workers']}-{t['max_workers']}" for name, t in types.items() if "min_workers" in t)
     typer.echo(f"rehearsal: job server {cluster.url}; worker node types {shape} (1 {rehearse.GPU_STANDIN} each, "
                f"standing in for a GPU), idle timeout {idle_timeout:g} s\n"
-               f"In another terminal:\n  export RAY_ADDRESS={cluster.url} RAY_AUTH_TOKEN_PATH={cluster.token_path}\n"
+               f"In another terminal:\n  export RAY_ADDRESS={cluster.url} RAY_AUTH_TOKEN_PATH={cluster.token_path} "
+               f"LSTMGEN_CODE_ON_NODES={Path(__file__).resolve().parent.parent}\n"
                "  lstmgen submit train --gpu --workers 2 --data s3://BUCKET/data --run s3://BUCKET/runs/r1 --follow\n"
                "Ctrl-C stops the cluster.")
     seen = None

@@ -47,6 +47,7 @@ class TrainConfig:
     shared_fs: bool = False  # local --data/--run are on a filesystem every node mounts (EFS, NFS)
     # model
     cell: str = "explicit"  # "explicit" (gates written out) or "fused" (torch.nn.LSTM / cuDNN)
+    precision: str = ""  # "fp32" or "bf16" (autocast; weights, states and optimizer stay fp32); "": bf16 on a GPU
     embed: int = 64
     hidden: int = 256
     layers: int = 1
@@ -79,6 +80,7 @@ class TrainConfig:
              f"--workers MIN-MAX needs MAX >= MIN (got {self.workers}-{self.workers_max})"),
             (self.wait_timeout > 0, f"--wait-timeout must be positive (got {self.wait_timeout})"),
             (self.cell in ("explicit", "fused"), f"--cell must be explicit or fused (got {self.cell!r})"),
+            (self.precision in ("", "fp32", "bf16"), f"--precision must be fp32 or bf16 (got {self.precision!r})"),
             (self.hidden >= 1 and self.embed >= 1 and self.layers >= 1, "--hidden/--embed/--layers must be >= 1"),
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
             (0.0 <= self.embed_dropout < 1.0, f"--embed-dropout must be in [0, 1) (got {self.embed_dropout})"),

@@ -43,7 +43,10 @@ class StepMatmul:
     On a CPU with oneDNN the weight is reordered once into oneDNN's blocked layout (as
     nn.LSTM's own CPU kernel does) and each step runs oneDNN's linear with the add fused in:
     about 1.6x faster than ``torch.addmm`` at batch 32, hidden 256-512 on this project's CPUs
-    (bench/train_speed.py). Elsewhere (GPU, builds without oneDNN) it is ``torch.addmm``.
+    (bench/train_speed.py). Elsewhere (GPU, bf16, builds without oneDNN) it is ``torch.addmm``.
+
+    The product runs in the weight's dtype (the compute dtype, see "Precision" in LSTM) and the
+    result has ``add``'s dtype, so an fp32 state or gradient can be added to a bf16 product.
     """
 
     def __init__(self, weight: Tensor):
@@ -53,9 +56,12 @@ class StepMatmul:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
     def __call__(self, x: Tensor, add: Tensor) -> Tensor:
-        if self.packed is not None:
+        if self.packed is not None and x.dtype == add.dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, None, "add")
-        return torch.addmm(add, x, self.weight_t)
+        w = self.weight_t
+        if add.dtype == w.dtype:
+            return torch.addmm(add, x.to(w.dtype), w)
+        return add + torch.mm(x.to(w.dtype), w).to(add.dtype)
 
 
 def _onednn_linear() -> bool:
@@ -91,14 +97,22 @@ class LSTMRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):  # type: ignore[override]
+        ctx.device_type = xw.device.type
+        with torch.autocast(xw.device.type, enabled=False):  # the dtypes here are chosen explicitly
+            return LSTMRecurrence._forward(ctx, xw, h0, c0, w_hh)
+
+    @staticmethod
+    def _forward(ctx, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
         steps, batch, four_h = xw.shape
         hidden = four_h // 4
-        hidden_matmul = StepMatmul(w_hh)
-        acts = torch.empty_like(xw)  # sigmoid(o), sigmoid(i), sigmoid(f), s = sigmoid(2 z_g)
-        cs = xw.new_empty(steps, batch, hidden)
+        hidden_matmul = StepMatmul(w_hh.to(xw.dtype))  # compute dtype: xw's
+        # states and gate activations: the weights' dtype, at least fp32 (never bf16)
+        state = dict(dtype=torch.promote_types(w_hh.dtype, torch.float32), device=xw.device)
+        acts = torch.empty(xw.shape, **state)  # sigmoid(o), sigmoid(i), sigmoid(f), s = sigmoid(2 z_g)
+        cs = torch.empty(steps, batch, hidden, **state)
         tanh_cs = torch.empty_like(cs)
         hs = torch.empty_like(cs)
-        h, c = h0, c0
+        h, c = h0.to(state["dtype"]), c0.to(state["dtype"])
         # per-step views made once (unbind), not by indexing inside the loop
         gates = (gate.unbind(0) for gate in acts.chunk(4, dim=2))
         per_step = zip(xw.unbind(0), acts.unbind(0), *gates, cs.unbind(0), tanh_cs.unbind(0), hs.unbind(0))
@@ -107,11 +121,20 @@ class LSTMRecurrence(torch.autograd.Function):
             c = torch.mul(f, c, out=c_t).sub_(i).addcmul_(i, s, value=2)  # f c + i (2s - 1) = f c + i tanh(z_g)
             h = torch.mul(o, torch.tanh(c, out=tanh_c_t), out=h_t)
         ctx.save_for_backward(acts, cs, tanh_cs, hs, h0, c0, w_hh)
+        ctx.compute_dtype = xw.dtype
         return hs, h.clone(), c.clone()
 
     @staticmethod
     def backward(ctx, d_hs: Tensor, d_h: Tensor, d_c: Tensor):  # type: ignore[override]
-        acts, cs, tanh_cs, hs, h0, c0, w_hh = ctx.saved_tensors
+        with torch.autocast(ctx.device_type, enabled=False):
+            return LSTMRecurrence._backward(ctx, d_hs, d_h, d_c)
+
+    @staticmethod
+    def _backward(ctx, d_hs: Tensor, d_h: Tensor, d_c: Tensor):
+        acts, cs, tanh_cs, hs, h0, c0, w_hh_param = ctx.saved_tensors
+        cdt = ctx.compute_dtype
+        w_hh = w_hh_param.to(cdt)
+        d_hs = d_hs.to(acts.dtype) if d_hs is not None else None
         steps, batch, four_h = acts.shape
         hidden = four_h // 4
         o, i, f, s = acts.chunk(4, dim=2)
@@ -136,11 +159,11 @@ class LSTMRecurrence(torch.autograd.Function):
             dc = torch.addcmul(dc, dh, from_dh)
             torch.mul(dh, o_per_dh, out=d_o_t[t])
             torch.mul(dc[:, None], ifg_per_dc, out=d_ifg_t[t])
-        dh = d_gates[0] @ w_hh
+        dh = (d_gates[0].to(cdt) @ w_hh).to(acts.dtype)
         dc = dc * f[0]
-        h_prev = torch.cat([h0[None], hs[:-1]])
-        d_w_hh = d_gates.reshape(-1, four_h).t() @ h_prev.reshape(-1, hidden)
-        return d_gates, dh, dc, d_w_hh
+        h_prev = torch.cat([h0[None].to(acts.dtype), hs[:-1]])
+        d_w_hh = (d_gates.reshape(-1, four_h).t().to(cdt) @ h_prev.reshape(-1, hidden).to(cdt)).to(acts.dtype)
+        return d_gates.to(cdt), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh_param.dtype)
 
 
 def gate_order(hidden: int) -> Tensor:
@@ -154,7 +177,24 @@ def gate_scale(hidden: int) -> Tensor:
 
 
 class LSTM(nn.LSTM):
-    """``nn.LSTM`` parameters and initialisation, with the recurrence written out in Python."""
+    """``nn.LSTM`` parameters and initialisation, with the recurrence written out in Python.
+
+    Precision. ``--precision bf16`` (the default on a GPU) runs the model under
+    ``torch.autocast(dtype=torch.bfloat16)``; on a CPU the same dtype logic runs. Where each
+    tensor's dtype is decided:
+
+    - weights and optimizer state: fp32 always (autocast never changes parameters), so every
+      checkpoint is fp32 and loads for either cell and either precision;
+    - the input projection ``xw`` (one linear over all timesteps): autocast's choice, bf16. Its
+      dtype is the recurrence's compute dtype: the hidden weight is cast to it once per call,
+      ``h`` at each step, for the per-step matmul (``StepMatmul``);
+    - gate activations, cell and hidden states, and the state carried between batches: fp32 (the
+      weights' dtype if wider), with autocast off inside ``LSTMRecurrence``, because the cell
+      state sums over every timestep;
+    - gradients: the backward's matmuls run in the compute dtype, the gradients that reach the
+      weights and the states are fp32;
+    - logits: autocast's (bf16); the loss is taken in fp32 (``train.py``).
+    """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, dropout: float, cell: str):
         super().__init__(input_size, hidden_size, num_layers, batch_first=True,
@@ -198,7 +238,7 @@ class LSTM(nn.LSTM):
             else:
                 # inference (evaluation, generation): the cell as written above
                 xw = F.linear(x, w_ih, b_ih + b_hh)  # all timesteps at once: (batch, time, 4H)
-                hidden_matmul = self._inference_matmul(k, w_hh)
+                hidden_matmul = self._inference_matmul(k, w_hh.to(xw.dtype))
                 outputs = []
                 for xw_t in xw.unbind(1):  # unbind, not xw[:, t]: indexing costs a buffer per step
                     h, c = lstm_cell(xw_t, h, c, hidden_matmul)

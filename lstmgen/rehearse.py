@@ -34,6 +34,7 @@ from lstmgen.errors import LstmgenError
 
 GPU_STANDIN = "rehearsal_gpu"
 CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
+NODE_OBJECT_STORE_BYTES = 512 << 20  # per node: Ray's default (30 % of RAM) on every simulated node would not fit
 NODE_ID_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"  # the fake provider gives each node's processes its id
 HEAD_NODE_ID = "f" * 51 + "00000"  # the id the fake provider expects of the head
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
@@ -60,7 +61,8 @@ def rehearsal_config(cluster_yaml: Path, gcs_address: str, cpus_per_node: int, h
         if name == head_type:
             continue
         most = int(spec.get("max_workers", source.get("max_workers", 2)))
-        node_types[name] = {"resources": {"CPU": cpus_per_node, GPU_STANDIN: 1}, "node_config": {},
+        resources = {"CPU": cpus_per_node, GPU_STANDIN: 1, "object_store_memory": NODE_OBJECT_STORE_BYTES}
+        node_types[name] = {"resources": resources, "node_config": {},
                             "min_workers": int(spec.get("min_workers", 0)),
                             "max_workers": most if max_per_type is None else min(most, max_per_type)}
     if len(node_types) == 1:
@@ -194,6 +196,7 @@ def start(workdir: Path, cluster_yaml: Path = CLUSTER_YAML, cpus_per_node: int =
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [ray_bin, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
            f"--autoscaling-config={config_path}", f"--num-cpus={head_cpus}", f"--temp-dir={link}",
+           f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
            "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",

@@ -28,7 +28,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # has its own (an instance profile on AWS), and runtime_env is visible in the dashboard.
 PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "LSTMGEN_WIKITEXT_URL",
             "LSTMGEN_WIKITEXT_SHA256", "LSTMGEN_FAIL_AT_STEP")
-EXCLUDES = [".git", ".venv", "venv", ".ci-work", "data", "runs", "gen", "lstmgen-run", "*.parquet", "*.pt",
+EXCLUDES = [".git", ".venv", "venv", ".ci-work", ".lstmgen-rehearsal", "data", "runs", "gen", "lstmgen-run", "*.parquet", "*.pt",
             "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "bench/out"]
 
 
@@ -100,10 +100,18 @@ def client(address: str | None):
 
 
 def project_runtime_env() -> tuple[dict, str]:
-    """The runtime_env that ships this project, and how to call a job inside it."""
+    """The runtime_env that ships this project, and how to call a job inside it.
+
+    ``LSTMGEN_CODE_ON_NODES=PATH`` says the checkout is already at PATH on every node (the
+    rehearsal cluster on this machine sets it): the job then runs there in place and nothing is
+    shipped. (On a rehearsal that matters: its simulated nodes share one disk, and each node
+    would unpack a shipped copy over the one the others are running in.)"""
     root = Path(__file__).resolve().parent.parent
     env_vars = {k: os.environ[k] for k in PASS_ENV if os.environ.get(k)}
     env_vars.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    in_place = os.environ.get("LSTMGEN_CODE_ON_NODES")
+    if in_place:
+        return {"working_dir": f"local://{Path(in_place).expanduser().resolve()}", "env_vars": env_vars}, "python jobs/{job}.py"
     if (root / "jobs").is_dir() and (root / "pyproject.toml").exists():  # a checkout: ship it whole
         return {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}, "python jobs/{job}.py"
     return {"py_modules": [str(Path(__file__).resolve().parent)], "env_vars": env_vars}, "python -m lstmgen.cli {job}"

@@ -36,7 +36,7 @@ from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, detach
 from lstmgen.windows import collate, split_stream, table_stream
 
 MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
-RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "max_failures", "eval_every", "log_every", "keep",
+RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "precision", "max_failures", "eval_every", "log_every", "keep",
              "wait_timeout", "shared_fs")
 
 
@@ -202,7 +202,8 @@ def train_loop(config: dict) -> None:
     valid = split_stream(cfg.data, "valid", cfg.val_chars) if config["has_valid"] else None
     shard = ray.train.get_dataset_shard("train")
     budget = cfg.max_minutes * 60
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # see model.py, "Precision"
     fail_at = int(os.environ.get("LSTMGEN_FAIL_AT_STEP", "0"))  # fault-injection hook for tests
 
     def agree(have_batch: bool) -> tuple[float, bool]:

@@ -122,3 +122,6 @@ def test_bad_generation_config_and_primes(ray_local, tiny_checkpoint, tmp_path):
         generate_job(GenerateConfig(checkpoint=tiny_checkpoint, primes_file=str(tmp_path / "odd.txt"),
                                     out=str(tmp_path / "o.jsonl")))
     assert not (tmp_path / "o.jsonl").exists()
+    with pytest.raises(LstmgenError, match=r"generate asks for 2 x \{CPU: 1, GPU: 1\}.*no GPU anywhere"):
+        generate_job(GenerateConfig(checkpoint=tiny_checkpoint, num_samples=2, out=str(tmp_path / "o.jsonl"), gpu=True))
+    assert not (tmp_path / "o.jsonl").exists()

@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,6 +19,7 @@ from lstmgen import rehearse
 from .conftest import one_line_error, run_cli
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "rehearsal"
 DATA = f"s3://{BUCKET}/data"
 
@@ -33,7 +35,8 @@ def cluster(s3, tmp_path_factory, wiki_slice):
 
 
 def _env(cluster, s3) -> dict:
-    return dict(s3.env, RAY_ADDRESS=cluster.url, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"])
+    return dict(s3.env, RAY_ADDRESS=cluster.url, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"],
+                LSTMGEN_CODE_ON_NODES=str(ROOT))  # as `lstmgen cluster rehearse` tells the user to set
 
 
 def _wait(predicate, timeout: float, what: str, every: float = 1.0):
@@ -140,3 +143,22 @@ def test_embedded_gpu_request_without_a_gpu_fails_at_once(tmp_path, wiki_slice):
     one_line_error(run_cli("train", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"), "--gpu", timeout=120),
                    "asks for 2 x {CPU: 1, GPU: 1}", "no GPU anywhere")
     assert time.time() - t0 < 60 and not (tmp_path / "r" / "train_config.json").exists()
+
+
+def test_elastic_workers_shrink_when_a_node_is_lost_and_grow_back(cluster, s3):
+    env, run = _env(cluster, s3), "runs/elastic"
+    r = run_cli("submit", "train", "--gpu", "--workers", "1-2", "--data", DATA, "--run", f"s3://{BUCKET}/{run}",
+                "--max-steps", "1000000", "--max-minutes", "2.5", "--hidden", "32", "--eval-every", "100",
+                "--max-failures", "3", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    job_id = r.stdout.strip().splitlines()[0]
+    _wait(lambda: any(row["workers"] == 2 for row in _metrics(s3, run)) if _checkpoints(s3, run) else False,
+          300, "two workers", every=1)
+    nodes = _worker_nodes(run_cli("jobs", "logs", job_id, env=env).stdout)
+    assert cluster.kill_node(nodes[1]) > 0
+    _wait(lambda: _job_status(cluster, s3, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 480, "the job to end", every=3)
+    logs = run_cli("jobs", "logs", job_id, env=env).stdout
+    assert _job_status(cluster, s3, job_id) == "SUCCEEDED", logs[-3000:]
+    sizes = [row["workers"] for row in _metrics(s3, run)]
+    print("workers per metrics row:", sizes)
+    assert sizes[0] in (1, 2) and 2 in sizes

@@ -1,0 +1,63 @@
+"""Training on data barely large enough: workers must agree on every epoch's batches (or the run
+is refused on the driver), never stall with one worker in the all-reduce and one at Ray Data's
+epoch barrier."""
+
+import json
+
+import pytest
+
+from .conftest import one_line_error, run_cli, wiki_text
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "tiny.txt").write_text(wiki_text(8_193), encoding="utf-8")  # 128 windows of 64
+    r = run_cli("prepare", "--corpus", str(root / "tiny.txt"), "--out", str(root / "data"), "--valid-fraction", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root / "data"
+
+
+def test_two_workers_finish_on_data_with_one_batch_per_epoch(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", str(tiny_data), "--run", str(run), "--workers", "2", "--hidden", "32",
+                "--max-steps", "120", "--max-minutes", "0", "--eval-every", "60", timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [60, 120] and all(row["workers"] == 2 for row in rows)
+
+
+def test_data_too_small_for_every_worker_is_refused_before_training(tiny_data, tmp_path):
+    one_line_error(run_cli("train", "--data", str(tiny_data), "--run", str(tmp_path / "r"), "--workers", "2",
+                           "--batch-size", "64"), "128 training windows", "2 worker(s)", "--batch-size")
+    assert not (tmp_path / "r").exists()
+    one_line_error(run_cli("train", "--data", str(tiny_data), "--run", str(tmp_path / "r"), "--workers", "3-1"), "MIN-MAX")
+    one_line_error(run_cli("train", "--data", str(tiny_data), "--run", str(tmp_path / "r"), "--workers", "two"), "--workers")
+
+
+def test_bf16_training_through_ray_train_and_its_checkpoint_generates_with_either_cell(wiki_slice, tmp_path):
+    """--precision bf16 runs the dtype logic of a GPU worker (autocast bf16) on the CPU."""
+    import torch
+
+    from lstmgen import checkpoint
+    from lstmgen.config import SampleConfig
+    from lstmgen.generate import generate_batch
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert run_cli("prepare", "--corpus", str(wiki_slice), "--out", str(data)).returncode == 0
+    r = run_cli("train", "--data", str(data), "--run", str(run), "--precision", "bf16", "--workers", "1", "--hidden", "64",
+                "--max-steps", "90", "--max-minutes", "0", "--eval-every", "30", timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_bpc"] < rows[0]["val_bpc"] - 0.3, rows  # it learns
+    assert json.loads((run / "train_config.json").read_text())["precision"] == "bf16"
+    state = torch.load(run / "checkpoint_0000090" / "model.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in state["model"].values())  # fp32 weights in the checkpoint
+    loaded, texts = checkpoint.load(str(run)), {}
+    for cell in ("explicit", "fused"):
+        rows = generate_batch(loaded.model(cell=cell), loaded.vocab, ["The "], [7], SampleConfig(length=40, greedy=True), "cpu")
+        texts[cell] = rows[0]["text"]
+    assert texts["explicit"] == texts["fused"] and len(texts["explicit"]) == 40
+    one_line_error(run_cli("train", "--data", str(data), "--run", str(tmp_path / "r2"), "--precision", "fp16"), "--precision")
