@@ -88,6 +88,13 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
             (self.eval_every >= 1, f"--eval-every must be at least 1 (got {self.eval_every})"),
+            (self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})"),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must be 0 (with each evaluation) or more (got {self.checkpoint_every})"),
+            (self.clip > 0, f"--clip must be positive (got {self.clip})"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps})"),
+            (self.max_minutes >= 0, f"--max-minutes must be >= 0 (got {self.max_minutes})"),
+            (self.max_failures >= 0, f"--max-failures must be >= 0 (got {self.max_failures})"),
             (self.keep >= 1, f"--keep must be at least 1 (got {self.keep})"),
         ]
         for ok, message in checks:

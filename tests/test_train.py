@@ -8,8 +8,6 @@ import pytest
 
 from .conftest import one_line_error, run_cli, wiki_text
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
@@ -20,6 +18,7 @@ def tiny_data(tmp_path_factory):
     return root / "data"
 
 
+@pytest.mark.slow
 def test_two_workers_finish_on_data_with_one_batch_per_epoch(tiny_data, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", "--data", str(tiny_data), "--run", str(run), "--workers", "2", "--hidden", "32",
@@ -29,6 +28,7 @@ def test_two_workers_finish_on_data_with_one_batch_per_epoch(tiny_data, tmp_path
     assert [row["step"] for row in rows] == [60, 120] and all(row["workers"] == 2 for row in rows)
 
 
+@pytest.mark.slow
 def test_data_too_small_for_every_worker_is_refused_before_training(tiny_data, tmp_path):
     one_line_error(run_cli("train", "--data", str(tiny_data), "--run", str(tmp_path / "r"), "--workers", "2",
                            "--batch-size", "64"), "128 training windows", "2 worker(s)", "--batch-size")
@@ -37,6 +37,7 @@ def test_data_too_small_for_every_worker_is_refused_before_training(tiny_data, t
     one_line_error(run_cli("train", "--data", str(tiny_data), "--run", str(tmp_path / "r"), "--workers", "two"), "--workers")
 
 
+@pytest.mark.slow
 def test_bf16_training_through_ray_train_and_its_checkpoint_generates_with_either_cell(wiki_slice, tmp_path):
     """--precision bf16 runs the dtype logic of a GPU worker (autocast bf16) on the CPU."""
     import torch
@@ -61,3 +62,10 @@ def test_bf16_training_through_ray_train_and_its_checkpoint_generates_with_eithe
         texts[cell] = rows[0]["text"]
     assert texts["explicit"] == texts["fused"] and len(texts["explicit"]) == 40
     one_line_error(run_cli("train", "--data", str(data), "--run", str(tmp_path / "r2"), "--precision", "fp16"), "--precision")
+
+
+@pytest.mark.parametrize("flag, value", [("--log-every", "0"), ("--clip", "-1"), ("--max-failures", "-1"),
+                                         ("--checkpoint-every", "-5"), ("--wait-timeout", "0")])
+def test_bad_training_flags_fail_before_anything_starts(tmp_path, flag, value):
+    one_line_error(run_cli("train", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"), flag, value), flag)
+    assert not (tmp_path / "r").exists()
