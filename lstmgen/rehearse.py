@@ -46,6 +46,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def processes_under(temp_dir: str):
+    """The processes of a Ray started with ``--temp-dir temp_dir`` (every one names it)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
+                yield p
+        except psutil.Error:
+            continue
+
+
+def stop_processes_under(temp_dir: str) -> None:
+    """SIGTERM those processes, then SIGKILL whatever is left after 15 s."""
+    import psutil
+
+    procs = list(processes_under(temp_dir))
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def rehearsal_config(cluster_yaml: Path, gcs_address: str, cpus_per_node: int, head_cpus: int,
                      idle_timeout_s: float, max_per_type: int | None = None) -> dict:
     """The autoscaler config of the rehearsal: cluster.yaml's worker node types on fake nodes."""
@@ -97,31 +127,11 @@ class Rehearsal:
     token_path: Path = field(repr=False)
 
     def _processes(self):
-        import psutil
-
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(self.temp_dir in a for a in (p.info["cmdline"] or [])):
-                    yield p
-            except psutil.Error:
-                continue
+        return processes_under(self.temp_dir)
 
     def stop(self) -> None:
         """Stop every process of this cluster (and only those): head, autoscaler, nodes, workers."""
-        import psutil
-
-        procs = list(self._processes())
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        stop_processes_under(self.temp_dir)
         Path(self.temp_dir).unlink(missing_ok=True)
 
     def nodes(self) -> list[dict]:
@@ -206,15 +216,24 @@ def start(workdir: Path, cluster_yaml: Path = CLUSTER_YAML, cpus_per_node: int =
     if out.returncode != 0:
         cluster.stop()
         raise LstmgenError(f"ray start --head failed: {(out.stdout + out.stderr).strip().splitlines()[-1:]}")
-    request = urllib.request.Request(f"{cluster.url}/api/version", headers={"authorization": f"Bearer {token}"})
-    deadline = time.time() + 90
+    try:
+        wait_for_job_server(cluster.url, token, timeout=90)
+    except LstmgenError:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def wait_for_job_server(url: str, token: str, timeout: float) -> None:
+    """Until ``GET /api/version`` answers (with this cluster's own token)."""
+    request = urllib.request.Request(f"{url}/api/version", headers={"authorization": f"Bearer {token}"})
+    deadline = time.time() + timeout
     while True:
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 response.read()
-            return cluster
+            return
         except Exception as exc:  # noqa: BLE001 - not up yet
             if time.time() > deadline:
-                cluster.stop()
-                raise LstmgenError(f"the rehearsal cluster's job server did not answer in 90 s ({exc})") from None
+                raise LstmgenError(f"{url}: the job server did not answer in {timeout:.0f} s ({exc})") from None
             time.sleep(1)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+from lstmgen.rehearse import stop_processes_under, wait_for_job_server
 
 from .s3server import free_port
 
@@ -26,18 +24,7 @@ class RayHead:
     env: dict
 
     def stop(self) -> None:
-        procs = [p for p in psutil.process_iter(["cmdline"]) if any(self.temp_dir in a for a in (p.info["cmdline"] or []))]
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        stop_processes_under(self.temp_dir)
 
 
 def start(workdir: Path, num_cpus: int = 4) -> RayHead:
@@ -57,18 +44,10 @@ def start(workdir: Path, num_cpus: int = 4) -> RayHead:
     if out.returncode != 0:
         head.stop()
         raise RuntimeError(f"ray start --head failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
-    import urllib.request
-
     # Probe with this head's own token (in-process Ray caches whatever token it loaded first).
-    request = urllib.request.Request(f"{head.url}/api/version", headers={"authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                response.read()
-            return head
-        except Exception:
-            if time.time() > deadline:
-                head.stop()
-                raise
-            time.sleep(1)
+    try:
+        wait_for_job_server(head.url, env["RAY_AUTH_TOKEN"], timeout=60)
+    except Exception:
+        head.stop()
+        raise
+    return head

@@ -70,6 +70,23 @@ def _job_status(cluster, s3, job_id: str) -> str:
     return r.stdout.split(":", 1)[1].split()[0] if r.returncode == 0 and ":" in r.stdout else ""
 
 
+def _submit_timed_run(env: dict, run: str, workers: str, minutes: str) -> str:
+    """A --gpu training job with a time budget, checkpoints every 100 steps; returns its id."""
+    r = run_cli("submit", "train", "--gpu", "--workers", workers, "--data", DATA, "--run", f"s3://{BUCKET}/{run}",
+                "--max-steps", "1000000", "--max-minutes", minutes, "--hidden", "32", "--eval-every", "100",
+                "--max-failures", "3", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[0]
+
+
+def _logs_once_succeeded(cluster, s3, job_id: str) -> str:
+    env = _env(cluster, s3)
+    _wait(lambda: _job_status(cluster, s3, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 480, "the job to end", every=3)
+    logs = run_cli("jobs", "logs", job_id, env=env).stdout
+    assert _job_status(cluster, s3, job_id) == "SUCCEEDED", logs[-3000:]
+    return logs
+
+
 def test_train_scales_from_zero_onto_two_nodes_and_back(cluster, s3):
     _wait(lambda: not cluster.nodes(), 90, "the cluster to start at zero worker nodes")
     r = run_cli("submit", "train", "--gpu", "--workers", "2", "--data", DATA, "--run", f"s3://{BUCKET}/runs/zero",
@@ -84,20 +101,14 @@ def test_train_scales_from_zero_onto_two_nodes_and_back(cluster, s3):
 
 def test_a_lost_node_costs_at_most_one_checkpoint_interval(cluster, s3):
     env, run = _env(cluster, s3), "runs/lost"
-    r = run_cli("submit", "train", "--gpu", "--workers", "2", "--data", DATA, "--run", f"s3://{BUCKET}/{run}",
-                "--max-steps", "1000000", "--max-minutes", "1", "--hidden", "32", "--eval-every", "100",
-                "--max-failures", "3", env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    job_id = r.stdout.strip().splitlines()[0]
+    job_id = _submit_timed_run(env, run, "2", "1")
     _wait(lambda: len(_checkpoints(s3, run)) >= 2, 300, "two checkpoints", every=0.5)
     nodes = _worker_nodes(run_cli("jobs", "logs", job_id, env=env).stdout)
     # The newest one on S3 may not be registered with Ray Train yet; the one before it is.
     registered = _checkpoints(s3, run)[-2]
     assert cluster.kill_node(nodes[1]) > 0  # a spot reclaim: the raylet and its workers SIGKILLed
     killed_at = time.time()
-    _wait(lambda: _job_status(cluster, s3, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 480, "the job to end", every=3)
-    logs = run_cli("jobs", "logs", job_id, env=env).stdout
-    assert _job_status(cluster, s3, job_id) == "SUCCEEDED", logs[-3000:]
+    logs = _logs_once_succeeded(cluster, s3, job_id)
     rows = _metrics(s3, run)
     assert rows[-1]["elapsed_s"] >= 50  # the time budget was trained (by the fastest worker's clock)
     resumed = {row["resumed_from"] for row in rows} - {0}
@@ -145,20 +156,14 @@ def test_embedded_gpu_request_without_a_gpu_fails_at_once(tmp_path, wiki_slice):
     assert time.time() - t0 < 60 and not (tmp_path / "r" / "train_config.json").exists()
 
 
-def test_elastic_workers_shrink_when_a_node_is_lost_and_grow_back(cluster, s3):
+def test_elastic_workers_grow_as_nodes_join_and_survive_a_lost_node(cluster, s3):
     env, run = _env(cluster, s3), "runs/elastic"
-    r = run_cli("submit", "train", "--gpu", "--workers", "1-2", "--data", DATA, "--run", f"s3://{BUCKET}/{run}",
-                "--max-steps", "1000000", "--max-minutes", "2.5", "--hidden", "32", "--eval-every", "100",
-                "--max-failures", "3", env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    job_id = r.stdout.strip().splitlines()[0]
+    job_id = _submit_timed_run(env, run, "1-2", "2.5")
     _wait(lambda: any(row["workers"] == 2 for row in _metrics(s3, run)) if _checkpoints(s3, run) else False,
           300, "two workers", every=1)
     nodes = _worker_nodes(run_cli("jobs", "logs", job_id, env=env).stdout)
     assert cluster.kill_node(nodes[1]) > 0
-    _wait(lambda: _job_status(cluster, s3, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 480, "the job to end", every=3)
-    logs = run_cli("jobs", "logs", job_id, env=env).stdout
-    assert _job_status(cluster, s3, job_id) == "SUCCEEDED", logs[-3000:]
+    _logs_once_succeeded(cluster, s3, job_id)
     sizes = [row["workers"] for row in _metrics(s3, run)]
     print("workers per metrics row:", sizes)
     assert sizes[0] in (1, 2) and 2 in sizes
