@@ -82,6 +82,19 @@ def best(entries: list[Entry]) -> Entry | None:
     return good[-1] if good else None
 
 
+def latest_intact(run: str) -> Entry | None:
+    """The newest checkpoint whose files match its meta.json (a half-written one is skipped)."""
+    for entry in reversed(list_checkpoints(run) if storage.exists(run) else []):
+        if entry.error:
+            continue
+        try:
+            load(entry.path)
+        except LstmgenError:
+            continue
+        return entry
+    return None
+
+
 def resolve(path: str) -> str:
     """A run directory -> its best checkpoint; a checkpoint directory -> itself."""
     if storage.exists(storage.join(path, "meta.json")):

@@ -58,6 +58,7 @@ def train(cfg: TrainConfig) -> dict:
     bundle, use_gpu = capacity.bundle_for(cfg.gpu)
     capacity.require("train", bundle, cfg.workers, cfg.wait_timeout)
     _save_run(cfg, vocab)
+    newest = checkpoint.latest_intact(cfg.run) if cfg.resume else None
 
     fs, run_path = storage.resolve(cfg.run)
     storage_path, name = run_path.rsplit("/", 1)
@@ -77,7 +78,8 @@ def train(cfg: TrainConfig) -> dict:
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if embedded() else 0
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
-                   "threads": threads, "cluster": not embedded()}
+                   "threads": threads, "cluster": not embedded(),
+                   "resume_from": {"path": newest.path, "step": newest.step} if newest else None}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -178,11 +180,16 @@ def train_loop(config: dict) -> None:
                             layers=cfg.layers, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell)
     model = CharLSTM(model_cfg)
     step, elapsed, history, state, resumed_from = 0, 0.0, [], None, 0
-    restored = ray.train.get_checkpoint()
+    restored = ray.train.get_checkpoint()  # Ray Train's latest: after a restart, or its record of the run
     if restored:
         with restored.as_directory() as d:
             state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
             history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
+    newest = config["resume_from"]  # --resume: the newest intact checkpoint in the run directory
+    if newest and (state is None or newest["step"] > state["step"]):  # Ray's record can lag a killed driver
+        loaded = checkpoint.load(newest["path"])
+        state, history = loaded.state, loaded.meta.get("history", [])
+    if state is not None:
         model.load_state_dict(state["model"])
         step, elapsed = state["step"], state["elapsed"]
         resumed_from = step
