@@ -410,6 +410,12 @@ def cluster_rehearse(
                f"LSTMGEN_CODE_ON_NODES={Path(__file__).resolve().parent.parent}\n"
                "  lstmgen submit train --gpu --workers 2 --data s3://BUCKET/data --run s3://BUCKET/runs/r1 --follow\n"
                "Ctrl-C stops the cluster.")
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the cluster as Ctrl-C does
     seen = None
     try:
         while True:

@@ -182,11 +182,7 @@ def start(workdir: Path, cluster_yaml: Path = CLUSTER_YAML, cpus_per_node: int =
     (workdir / "ray").mkdir(parents=True, exist_ok=True)
     link = tempfile.mktemp(prefix="lsr", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     os.symlink(workdir / "ray", link)
-    gcs_port, dashboard_port = free_port(), free_port()
-    gcs_address = f"127.0.0.1:{gcs_port}"
-    config = rehearsal_config(cluster_yaml, gcs_address, cpus_per_node, head_cpus, idle_timeout_s, max_per_type)
     config_path = workdir / "autoscaler.json"
-    config_path.write_text(json.dumps(config, indent=1))
     token_path = workdir / "auth_token"
     if not token_path.exists():
         token_path.write_text(secrets.token_hex(32))
@@ -204,18 +200,28 @@ def start(workdir: Path, cluster_yaml: Path = CLUSTER_YAML, cpus_per_node: int =
                     # (a killed node is replaced) and publishes the node types' limits.
                     RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=HEAD_NODE_ID, **{NODE_ID_ENV: HEAD_NODE_ID})
     ray_bin = str(Path(sys.executable).parent / "ray")
-    cmd = [ray_bin, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-           f"--autoscaling-config={config_path}", f"--num-cpus={head_cpus}", f"--temp-dir={link}",
-           f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-           "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}"]
-    out = subprocess.run(cmd, env=node_env, capture_output=True, text=True, timeout=180)
-    cluster = Rehearsal(f"http://127.0.0.1:{dashboard_port}", gcs_address, link, node_env, token_path)
-    if out.returncode != 0:
-        cluster.stop()
-        raise LstmgenError(f"ray start --head failed: {(out.stdout + out.stderr).strip().splitlines()[-1:]}")
+    for attempt in range(3):  # ports are picked free, but another process may take one before Ray binds it
+        gcs_port, dashboard_port = free_port(), free_port()
+        gcs_address = f"127.0.0.1:{gcs_port}"
+        config = rehearsal_config(cluster_yaml, gcs_address, cpus_per_node, head_cpus, idle_timeout_s, max_per_type)
+        config_path.write_text(json.dumps(config, indent=1))
+        cmd = [ray_bin, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+               f"--autoscaling-config={config_path}", f"--num-cpus={head_cpus}", f"--temp-dir={link}",
+               f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}"]
+        out = subprocess.run(cmd, env=node_env, capture_output=True, text=True, timeout=180)
+        cluster = Rehearsal(f"http://127.0.0.1:{dashboard_port}", gcs_address, link, node_env, token_path)
+        if out.returncode == 0:
+            break
+        stop_processes_under(link)
+        lines = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+        if attempt == 2 or not any("port" in line for line in lines):
+            Path(link).unlink(missing_ok=True)
+            reason = next((line for line in lines if "rror" in line), lines[-1] if lines else "no output")
+            raise LstmgenError(f"ray start --head failed: {reason}")
     try:
         wait_for_job_server(cluster.url, token, timeout=90)
     except LstmgenError:
