@@ -45,6 +45,8 @@ class Capacity:
         """How many bundles the cluster could ever hold; ``inf`` when nobody can say."""
         if self.node_types is None:
             return self.fits_now(bundle) if self.embedded else math.inf
+        if any(not t["resources"] and t["max_workers"] > 0 for t in self.node_types.values()):
+            return math.inf  # a node type whose resources Ray detects only at launch: nobody can say
         head = sum(_fit(n, bundle) for n in self.nodes if n.get("node:__internal_head__"))
         per_type = sorted(((_fit(t["resources"], bundle), t["max_workers"]) for t in self.node_types.values()), reverse=True)
         total, room = head, self.max_workers
