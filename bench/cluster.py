@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def main() -> None:
         s3.client().create_bucket(Bucket=BUCKET)
         corpus = work / "corpus.txt"
         corpus.write_text(WIKI.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
-        env = dict(__import__("os").environ, **s3.env)
+        env = dict(os.environ, **s3.env)
         r = cli(env, "prepare", "--corpus", str(corpus), "--out", f"s3://{BUCKET}/data")
         assert r.returncode == 0, r.stderr[-2000:]
         cluster = rehearse.start(work / "cluster", env=s3.env, idle_timeout_s=10, max_per_type=2)

@@ -395,6 +395,7 @@ def cluster_rehearse(
 ) -> None:
     """Start a multi-node Ray cluster on this machine shaped like cluster.yaml: a head with the real
     autoscaler, worker nodes (separate raylets) that start at zero and go when idle. Ctrl-C stops it."""
+    import signal
     import time as clock
 
     from lstmgen import rehearse
@@ -410,7 +411,6 @@ def cluster_rehearse(
                f"LSTMGEN_CODE_ON_NODES={Path(__file__).resolve().parent.parent}\n"
                "  lstmgen submit train --gpu --workers 2 --data s3://BUCKET/data --run s3://BUCKET/runs/r1 --follow\n"
                "Ctrl-C stops the cluster.")
-    import signal
 
     def interrupt(*_):
         raise KeyboardInterrupt

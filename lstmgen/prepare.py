@@ -31,11 +31,12 @@ def prepare(cfg: PrepareConfig) -> dict:
     storage.check_bucket(out)
     if storage.exists(storage.join(out, "manifest.json")) and not cfg.overwrite:
         raise LstmgenError(f"{out}: already holds prepared data; pass --overwrite to replace it")
+    # A download lands in the local --cache-dir: on a multi-node cluster that is a local corpus too.
+    local_corpus = next((c for c in cfg.corpus if not storage.is_s3(c)), "") if cfg.corpus else cfg.cache_dir
+    capacity.require_shared_storage({"--out": out, "--corpus": local_corpus}, cfg.shared_fs)
     sources = cfg.corpus or [corpus.fetch_wikitext(cfg.url, cfg.sha256, cfg.cache_dir)]
     for src in sources:
         storage.check_bucket(src)
-    local_source = next((src for src in sources if not storage.is_s3(src)), "")
-    capacity.require_shared_storage({"--out": out, "--corpus": local_source}, cfg.shared_fs)
     splits = corpus.find_sources(sources)
     files = [f for split in corpus.SPLITS for f in splits.get(split, [])]
     split_of = {f: split for split in corpus.SPLITS for f in splits.get(split, [])}
