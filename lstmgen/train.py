@@ -195,8 +195,13 @@ def train_loop(config: dict) -> None:
         resumed_from = step
         if rank == 0:
             print(f"train: resumed from step {step}")
-    if config["cluster"]:  # where each worker landed, for the job's log
-        print(f"train: worker {rank} of {world} on node {ray.get_runtime_context().get_node_id()}", flush=True)
+    if config["cluster"]:  # where each worker landed, for the job's log (rank 0 prints them all:
+        node = ray.get_runtime_context().get_node_id()  # Ray's log dedup would hide the others' lines)
+        nodes = [node] * world
+        if world > 1:
+            dist.all_gather_object(nodes, node)
+        for r, n in enumerate(nodes if rank == 0 else []):
+            print(f"train: worker {r} of {world} on node {n}", flush=True)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model
     decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -227,8 +232,32 @@ def train_loop(config: dict) -> None:
 
     t_start = time.time()
     window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
+    saved_step = step  # the step of the newest checkpoint (the restored one, or none at 0)
+
+    def evaluate_and_report(lr: float, save: bool) -> None:
+        """Validation bpc (every worker scores its share of the rows), the metrics row, and on
+        rank 0 the metrics file, the plot and (``save``) a checkpoint."""
+        nonlocal window_bits, window_steps, window_chars, t_window, saved_step
+        now = time.time()
+        train_bpc = window_bits / window_steps if window_steps else history[-1]["train_bpc"]  # none since the last row
+        row = {"step": step, "train_bpc": train_bpc, "lr": lr,
+               "chars_per_s": window_chars / max(1e-9, now - t_window),
+               "elapsed_s": elapsed + now - t_start, "resumed_from": resumed_from, "workers": world}
+        if valid is not None:
+            part = torch.tensor(stream_bits(raw, valid, device=str(device), part=(rank, world)),
+                                dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(part)
+            row["val_bpc"] = float(part[0] / part[1])
+        row.setdefault("val_bpc", row["train_bpc"])  # no valid split: rank by training loss
+        history.append(row)
+        _report(cfg, raw, opt, step, elapsed + now - t_start, row, history, vocab_tokens, model_cfg,
+                rank, seq_len, save=save)
+        window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
+        saved_step = step if save else saved_step
+
     rng = np.random.default_rng(cfg.seed + step)  # the same on every worker
-    progress, done = 0.0, False
+    progress, done, lr = 0.0, False, cfg.lr
     while not done:
         batches, carried, epoch_steps = epoch_batches(shard, cfg, seq_len, rng), None, 0
         batch = next(batches, None)
@@ -263,21 +292,7 @@ def train_loop(config: dict) -> None:
                 print(f"step {step:6d} | {100 * progress:5.1f}% | train {window_bits / window_steps:.3f} bpc"
                       f" | lr {lr:.2e} | {rate / 1e3:.1f}k chars/s", flush=True)
             if step % cfg.eval_every == 0 or step % cfg.every_checkpoint == 0 or done:
-                now = time.time()
-                row = {"step": step, "train_bpc": window_bits / max(1, window_steps), "lr": lr,
-                       "chars_per_s": window_chars / max(1e-9, now - t_window),
-                       "elapsed_s": elapsed + now - t_start, "resumed_from": resumed_from, "workers": world}
-                if valid is not None:  # every worker scores its share of the rows
-                    part = torch.tensor(stream_bits(raw, valid, device=str(device), part=(rank, world)),
-                                        dtype=torch.float64, device=device)
-                    if world > 1:
-                        dist.all_reduce(part)
-                    row["val_bpc"] = float(part[0] / part[1])
-                row.setdefault("val_bpc", row["train_bpc"])  # no valid split: rank by training loss
-                history.append(row)
-                _report(cfg, raw, opt, step, elapsed + now - t_start, row, history, vocab_tokens, model_cfg,
-                        rank, seq_len, save=(step % cfg.every_checkpoint == 0 or done))
-                window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
+                evaluate_and_report(lr, save=step % cfg.every_checkpoint == 0 or done)
         if done:
             break
         for _ in batches:  # read the rest of this epoch: Ray Data starts the next when every worker has
@@ -285,6 +300,8 @@ def train_loop(config: dict) -> None:
         if epoch_steps == 0:  # every worker sees the same agreed count, so all stop here together
             raise LstmgenError(f"{cfg.data}: an epoch gave some worker no batch of {cfg.batch_size}; "
                                "lower --batch-size or --workers")
+    if step > saved_step:  # the budget ran out between epochs: the last steps still get their checkpoint
+        evaluate_and_report(lr, save=True)
 
 
 def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):

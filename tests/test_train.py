@@ -29,6 +29,18 @@ def test_two_workers_finish_on_data_with_one_batch_per_epoch(tiny_data, tmp_path
 
 
 @pytest.mark.slow
+def test_a_time_budget_that_ends_between_epochs_still_checkpoints_the_last_step(tiny_data, tmp_path):
+    # A few steps per epoch, so the budget most likely runs out while the next epoch starts.
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", str(tiny_data), "--run", str(run), "--workers", "1", "--hidden", "32",
+                "--max-steps", "1000000", "--max-minutes", "0.05", "--eval-every", "100000", timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    saved = sorted(run.glob("checkpoint_*/meta.json"))
+    assert saved and json.loads(saved[-1].read_text())["step"] == last["step"] > 0, r.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_data_too_small_for_every_worker_is_refused_before_training(tiny_data, tmp_path):
     one_line_error(run_cli("train", "--data", str(tiny_data), "--run", str(tmp_path / "r"), "--workers", "2",
                            "--batch-size", "64"), "128 training windows", "2 worker(s)", "--batch-size")
