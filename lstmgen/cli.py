@@ -16,7 +16,11 @@ from typing import Optional
 
 import typer
 
-from lstmgen import __version__, storage
+from lstmgen import (
+    __version__,
+    runtime,  # noqa: F401  (first: it sets the environment Ray reads at import)
+    storage,
+)
 from lstmgen.config import (
     PRESETS,
     WIKITEXT2_SHA256,

@@ -1,18 +1,49 @@
 """Starting or joining Ray. Local jobs run on an embedded, private Ray (``address="local"``, so a
 stale cluster file left by ``ray stop`` is never joined); jobs submitted to a cluster join it
-through ``RAY_ADDRESS``, which the Ray job supervisor sets."""
+through ``RAY_ADDRESS``, which the Ray job supervisor sets.
+
+Importing this module sets the environment Ray reads once at its own import (the CLI imports it
+first, before any module that imports Ray); it does not import Ray itself."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 
-# Before Ray Data is imported: its per-operator INFO lines drown the job's own progress lines.
-os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+# Lines Ray prints that a user of lstmgen cannot act on. They are dropped from the terminal (and
+# from a job's log) unless LSTMGEN_DEBUG=1; a real error or an actionable warning still shows.
+RAY_NOISE = (
+    "Reporting training result",  # Ray Train logs every report() at INFO level on each worker
+    "'PreemptionWatcher' and ID",  # an E-level core_worker line about a Ray Train actor's restart policy
+    "Progress bars disabled",  # lstmgen turns Ray Data's bars off: the workers print their own progress
+    "RayDeprecationWarning: `ExecutionOptions.exclude_resources`",  # Ray Train's own use of an option,
+    "self.exclude_resources = exclude_resources",  # and the source line the warning quotes
+    "Token authentication is enabled for this Ray cluster",  # Ray's default, which lstmgen keeps
+)
+DEBUG = os.environ.get("LSTMGEN_DEBUG", "") not in ("", "0")
+
+# Before Ray is imported (it reads these once).
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's per-operator INFO lines
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints reach the driver once, not twice
+if not DEBUG:
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(re.escape(n) for n in RAY_NOISE))  # workers' lines
+if not sys.stdout.isatty():
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a file or a pipe
 
-import ray  # noqa: E402
+
+class _DropNoise(logging.Filter):
+    """The same lines when the driver logs them itself (through Python logging)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return DEBUG or not any(n in record.getMessage() for n in RAY_NOISE)
+
+
+for _name in ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup"):
+    logging.getLogger(_name).addFilter(_DropNoise())  # a logger's filter holds whatever handler Ray adds later
+
 
 _embedded = False
 
@@ -23,6 +54,8 @@ def embedded() -> bool:
 
 
 def init_ray(workers: int = 0, address: str | None = None) -> None:
+    import ray
+
     global _embedded
     if ray.is_initialized():
         return

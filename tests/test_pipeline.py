@@ -147,3 +147,9 @@ def test_quick_start_pipeline_runs_every_stage(wiki_slice, tmp_path):
     assert len(body) == 2 and "lstmgen report" in body[1]
     sample = body[0].split("--- sample: the prime and 60 generated characters ---\n", 1)[1]
     assert sample.startswith("The ") and len(sample) == len("The ") + 60  # the prime and 60 characters
+    # A quiet terminal: the job's own lines, none of Ray's that a user cannot act on, no colour codes in a pipe.
+    progress = [line for line in r.stdout.splitlines() if "| train " in line]
+    assert progress and all(line.startswith("(RayTrainWorker pid=") for line in progress), r.stdout[-2000:]
+    for noise in ("Reporting training result", "core_worker.cc", "Deprecat", "Progress bars disabled",
+                  "Token authentication", "\x1b["):
+        assert noise not in r.stdout + r.stderr, (noise, r.stderr[-3000:])
