@@ -46,7 +46,8 @@ JOB_SERVER = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                           help="Job server (dashboard) URL, e.g. http://127.0.0.1:8265 through `ray dashboard cluster.yaml`.")
 
 S3_ENDPOINT = typer.Option(None, "--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
-ADDRESS = typer.Option(None, "--address", help="Run on this Ray cluster instead of an embedded one (GCS address).")
+ADDRESS = typer.Option(None, "--address", help="Drive the job from here on this Ray cluster (GCS address HOST:6379) "
+                       "instead of an embedded Ray. A job server URL belongs to `lstmgen submit`.")
 SHARED_FS = typer.Option(False, "--shared-fs", help="Local paths are on a filesystem mounted on every node (EFS, NFS); "
                         "otherwise a multi-node cluster needs s3://.")
 WAIT_TIMEOUT = typer.Option(600.0, "--wait-timeout", help="Seconds to wait for the cluster to offer the job's resources.")

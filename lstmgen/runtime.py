@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+from lstmgen.errors import LstmgenError
+
 # Lines Ray prints that a user of lstmgen cannot act on. They are dropped from the terminal (and
 # from a job's log) unless LSTMGEN_DEBUG=1; a real error or an actionable warning still shows.
 RAY_NOISE = (
@@ -59,9 +61,12 @@ def init_ray(workers: int = 0, address: str | None = None) -> None:
     global _embedded
     if ray.is_initialized():
         return
+    given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    if address.startswith(("http://", "https://")):
-        address = "local"  # a job-server URL is for `lstmgen submit`/`jobs`; jobs run here run embedded
+    if address.startswith(("http://", "https://")):  # a job server: never a silent run on this machine
+        hint = "leave out --address" if given == "--address" else "unset RAY_ADDRESS"
+        raise LstmgenError(f"{given} {address} is a job server: `lstmgen submit JOB ...` runs the job there; "
+                           f"{hint} to run it here, or give the cluster's GCS address (HOST:6379) to drive it from here")
     _embedded = address == "local"
     kwargs: dict = dict(address=address, logging_level=logging.WARNING, log_to_driver=True)
     if address == "local":

@@ -11,6 +11,8 @@ import pytest
 
 from .conftest import run_cli
 
+pytestmark = pytest.mark.slow  # trains, or starts an S3 server or a Ray cluster
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, wiki_slice):

@@ -13,6 +13,8 @@ from lstmgen.corpus import Vocab
 
 from .conftest import one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # trains, or starts an S3 server or a Ray cluster
+
 PRIME = "I plan to make the world a better place"
 
 

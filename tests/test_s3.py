@@ -5,8 +5,11 @@ import time
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
 
 from .conftest import one_line_error, run_cli
+
+pytestmark = pytest.mark.slow  # trains, or starts an S3 server or a Ray cluster
 
 BUCKET = "lstmgen-e2e"
 

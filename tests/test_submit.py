@@ -25,6 +25,7 @@ def _cli(head, *args, **kw):
     return run_cli(*args, env=env, **kw)
 
 
+@pytest.mark.slow
 def test_submit_prepare_train_generate_as_jobs(head, wiki_slice, tmp_path):
     data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "gen.jsonl"
     (tmp_path / "primes.txt").write_text("The \nIn 1990\n")
@@ -52,12 +53,14 @@ def test_submit_prepare_train_generate_as_jobs(head, wiki_slice, tmp_path):
     assert "generate: 4 samples" in logs.stdout
 
 
+@pytest.mark.slow
 def test_follow_exit_code_reflects_a_failing_job(head, tmp_path):
     r = _cli(head, "submit", "evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path), "--follow")
     assert r.returncode == 1
     assert "no such checkpoint" in r.stdout and "FAILED" in r.stderr
 
 
+@pytest.mark.slow
 def test_stop_ends_a_long_job(head, wiki_slice, tmp_path):
     r = _cli(head, "submit", "prepare", "--corpus", str(wiki_slice), "--out", str(tmp_path / "d"), "--follow")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -72,6 +75,7 @@ def test_stop_ends_a_long_job(head, wiki_slice, tmp_path):
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stderr
 
 
+@pytest.mark.slow
 def test_bad_addresses_fail_fast_with_one_line(tmp_path):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -100,3 +104,11 @@ def test_bad_addresses_fail_fast_with_one_line(tmp_path):
         silent.close()
         not_ray.shutdown()
     one_line_error(run_cli("jobs", "list", env={"RAY_ADDRESS": None}), "--address")
+
+
+def test_a_job_server_url_given_to_a_job_command_is_refused_not_run_here(tmp_path):
+    one_line_error(run_cli("train", "--data", "d", "--run", "r", "--address", "http://127.0.0.1:8265", cwd=tmp_path),
+                   "is a job server", "lstmgen submit", "leave out --address")
+    one_line_error(run_cli("prepare", "--out", "d", "--corpus", "c.txt", cwd=tmp_path, env={"RAY_ADDRESS": "http://127.0.0.1:8265"}),
+                   "RAY_ADDRESS http://127.0.0.1:8265 is a job server", "unset RAY_ADDRESS")
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
