@@ -75,7 +75,7 @@ def main() -> None:
     for hidden, batch, seq, steps in shapes:
         rates = {"explicit": [], "fused": []}
         torch.manual_seed(0)
-        model = CharLSTM(ModelConfig(vocab_size=260, embed=128, hidden=hidden, layers=2, dropout=0.1)).to(device)
+        model = CharLSTM(ModelConfig(vocab_size=260, embed=128, hidden=hidden, layers=2, dropout=0.1, embed_dropout=0.1)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for cell in ("explicit", "fused"):  # warm-up (cuDNN plans, allocator)
             model.rnn.cell = cell

@@ -68,7 +68,8 @@ def main() -> None:
         r_plain, r_ray, r_default = rate(plain()), rate(through_ray()), rate(ray_default())
 
     torch.set_num_threads(1)  # one training worker's share of this machine
-    model = CharLSTM(ModelConfig(vocab_size=260, embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout))
+    model = CharLSTM(ModelConfig(vocab_size=260, embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout,
+                                 embed_dropout=cfg.embed_dropout))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     x, y = next(plain())
     steps, t0 = 0, time.perf_counter()

@@ -44,7 +44,7 @@ def main() -> None:
     summary = []
     for hidden, layers, steps in ((256, 1, 12), (512, 1, 6), (512, 2, 4)):
         torch.manual_seed(0)
-        model = CharLSTM(ModelConfig(vocab_size=260, embed=64, hidden=hidden, layers=layers, dropout=0.1))
+        model = CharLSTM(ModelConfig(vocab_size=260, embed=64, hidden=hidden, layers=layers, dropout=0.1, embed_dropout=0.1))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randint(0, 260, (args.batch, args.seq))
         y = torch.randint(0, 260, (args.batch, args.seq))

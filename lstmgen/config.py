@@ -72,6 +72,7 @@ class TrainConfig:
     max_failures: int = 2
     resume: bool = False
     preset: str = ""
+    given: list[str] = field(default_factory=list)  # the fields set by a flag (not by a preset or a default)
 
     def __post_init__(self) -> None:
         checks = [
@@ -136,7 +137,14 @@ def train_config(preset: str = "", **flags) -> TrainConfig:
             raise LstmgenError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
     values.update({k: v for k, v in flags.items() if v is not None})
-    return TrainConfig(preset=preset, **values)
+    given = sorted(k for k, v in flags.items() if v is not None and k not in ("data", "run", "resume"))
+    return TrainConfig(preset=preset, given=given, **values)
+
+
+def default(job: type, name: str) -> str:
+    """``[default: X]`` for a flag's help, read from the job's dataclass (the one place it is set)."""
+    value = job.__dataclass_fields__[name].default
+    return f"[default: {value}]"
 
 
 @dataclass
@@ -158,7 +166,7 @@ class SampleConfig:
         if not self.temperature > 0:
             raise LstmgenError(f"--temperature must be > 0 (got {self.temperature})")
         if self.top_k < 0:
-            raise LstmgenError(f"--top-k must be at least 1 (got {self.top_k})")
+            raise LstmgenError(f"--top-k must be 0 (off) or a count of characters (got {self.top_k})")
         if not 0.0 < self.top_p <= 1.0:
             raise LstmgenError(f"--top-p must be in (0, 1] (got {self.top_p})")
 

@@ -28,13 +28,16 @@ State = list[tuple[Tensor, Tensor]]  # (h, c) per layer, each (batch, hidden)
 
 @dataclass
 class ModelConfig:
+    """The network's shape, saved in every checkpoint. Training fills it from ``TrainConfig``,
+    which holds the defaults; there are none here to drift from them."""
+
     vocab_size: int
-    embed: int = 64
-    hidden: int = 512
-    layers: int = 1
-    dropout: float = 0.1  # between layers and before the head
-    embed_dropout: float = 0.1
-    cell: str = "explicit"
+    embed: int
+    hidden: int
+    layers: int
+    dropout: float  # locked dropout between layers and before the head
+    embed_dropout: float  # locked dropout on the embeddings
+    cell: str = "explicit"  # checkpoints from before the fused cell existed hold no "cell"
 
 
 class StepMatmul:

@@ -124,7 +124,8 @@ def _read_manifest(data: str) -> dict:
 
 def _reconcile_run(cfg: TrainConfig, vocab: Vocab) -> TrainConfig:
     """A new run must not overwrite an old one; ``--resume`` continues it with its saved config
-    (only the limits in ``RESUMABLE`` may change) and only on data of the same vocabulary."""
+    (only the limits in ``RESUMABLE`` may change, and only those given as flags now) and only on
+    data of the same vocabulary."""
     saved_path = storage.join(cfg.run, "train_config.json")
     vocab_path = storage.join(cfg.run, "vocab.json")
     has_run = storage.exists(saved_path)
@@ -134,11 +135,9 @@ def _reconcile_run(cfg: TrainConfig, vocab: Vocab) -> TrainConfig:
         if storage.exists(vocab_path) and Vocab.from_json(storage.read_text(vocab_path)) != vocab:
             raise LstmgenError(f"{cfg.run}: this run was trained on data of another vocabulary than {cfg.data}")
         saved = json.loads(storage.read_text(saved_path))
-        given = asdict(cfg)
-        for key in RESUMABLE:
-            default = TrainConfig.__dataclass_fields__[key].default
-            saved[key] = given[key] if given[key] != default else saved.get(key, default)
-        saved.update(resume=True, data=cfg.data, run=cfg.run)
+        now = asdict(cfg)
+        saved.update({key: now[key] for key in RESUMABLE if key in cfg.given})
+        saved.update(resume=True, data=cfg.data, run=cfg.run, given=cfg.given)
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
     elif has_run:
         raise LstmgenError(f"{cfg.run}: a run already exists here; pass --resume to continue it or choose another --run")
