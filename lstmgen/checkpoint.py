@@ -17,6 +17,8 @@ import io
 import json
 import pickle
 import re
+import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,34 +76,54 @@ def list_checkpoints(run: str) -> list[Entry]:
     return sorted(entries, key=lambda e: e.step)
 
 
-def best(entries: list[Entry]) -> Entry | None:
+def ranked(entries: list[Entry]) -> list[Entry]:
+    """Best first: lowest validation bpc (the later on a tie), then unscored ones newest first."""
     good = [e for e in entries if not e.error]
-    scored = [e for e in good if e.val_bpc is not None]
-    if scored:
-        return min(scored, key=lambda e: (e.val_bpc, -e.step))
-    return good[-1] if good else None
+    scored = sorted((e for e in good if e.val_bpc is not None), key=lambda e: (e.val_bpc, -e.step))
+    return scored + sorted((e for e in good if e.val_bpc is None), key=lambda e: -e.step)
+
+
+def best(entries: list[Entry]) -> Entry | None:
+    return next(iter(ranked(entries)), None)
+
+
+def verify(entry: Entry) -> Entry:
+    """Set ``error`` when the checkpoint's model.pt does not match its meta.json (a crash mid-write
+    or mid-upload, a truncated copy). Reads the whole file."""
+    if not entry.error:
+        try:
+            _model_bytes(entry.path, entry.meta)
+        except LstmgenError as exc:
+            entry.error = "damaged (" + str(exc).removeprefix(entry.path + ": ") + ")"
+    return entry
+
+
+def first_intact(entries: list[Entry], skipped: list[Entry] | None = None) -> Entry | None:
+    """The first of ``entries`` that verifies; the damaged ones before it go into ``skipped``."""
+    for entry in entries:
+        if not verify(entry).error:
+            return entry
+        if skipped is not None:
+            skipped.append(entry)
+    return None
 
 
 def latest_intact(run: str) -> Entry | None:
     """The newest checkpoint whose files match its meta.json (a half-written one is skipped)."""
-    for entry in reversed(list_checkpoints(run) if storage.exists(run) else []):
-        if entry.error:
-            continue
-        try:
-            load(entry.path)
-        except LstmgenError:
-            continue
-        return entry
-    return None
+    return first_intact(list(reversed(list_checkpoints(run) if storage.exists(run) else [])))
 
 
 def resolve(path: str) -> str:
-    """A run directory -> its best checkpoint; a checkpoint directory -> itself."""
+    """A run directory -> its best intact checkpoint (a damaged better one is named on stderr and
+    skipped); a checkpoint directory -> itself."""
     if storage.exists(storage.join(path, "meta.json")):
         return path
     if not storage.exists(path):
         raise LstmgenError(f"{path}: no such checkpoint or run directory")
-    chosen = best(list_checkpoints(path))
+    skipped: list[Entry] = []
+    chosen = first_intact(ranked(list_checkpoints(path)), skipped)
+    for entry in skipped:
+        print(f"warning: skipped {entry.path}: {entry.error}", file=sys.stderr)
     if chosen is None:
         raise LstmgenError(f"{path}: no complete checkpoint in this run directory")
     return chosen.path
@@ -132,17 +154,27 @@ def load(path: str, map_location: str = "cpu") -> Loaded:
     try:
         meta = json.loads(storage.read_text(storage.join(path, "meta.json")))
         vocab = Vocab(meta["vocab"])
-        expected = meta["files"]["model.pt"]
     except (ValueError, KeyError, TypeError) as exc:
         raise LstmgenError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
-    data = storage.read_bytes(storage.join(path, "model.pt"))
-    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise LstmgenError(f"{path}: model.pt is truncated or corrupt (size/SHA-256 differ from meta.json)")
+    data = _model_bytes(path, meta)
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         raise LstmgenError(f"{path}: refused to load model.pt: not a plain-tensor checkpoint ({str(exc).splitlines()[0]})") from exc
     return Loaded(path, meta, state, vocab)
+
+
+def _model_bytes(path: str, meta: dict) -> bytes:
+    """model.pt's bytes, once they match the size and SHA-256 that meta.json records."""
+    try:
+        expected = meta["files"]["model.pt"]
+        size, digest = int(expected["bytes"]), str(expected["sha256"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LstmgenError(f"{path}: corrupt checkpoint metadata (no size and SHA-256 for model.pt)") from exc
+    data = storage.read_bytes(storage.join(path, "model.pt"))
+    if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        raise LstmgenError(f"{path}: model.pt is truncated or corrupt (size/SHA-256 differ from meta.json)")
+    return data
 
 
 def check_vocab(loaded: Loaded, data: str) -> None:
@@ -155,19 +187,26 @@ def check_vocab(loaded: Loaded, data: str) -> None:
         )
 
 
-def copy_verified(src: str, dst: str) -> tuple[int, int]:
-    """Copy a run or checkpoint directory (local <-> S3), then check every file's size and
-    SHA-256 at the destination. Returns (files, bytes)."""
+def copy_verified(src: str, dst: str, overwrite: bool = False) -> tuple[int, int]:
+    """Copy a run or checkpoint directory (local <-> S3) so that an interrupted copy never leaves
+    something at ``dst`` that looks whole: the files go to a staging directory beside ``dst``,
+    every file's size and SHA-256 is checked there, and only then is the staging directory
+    published (renamed locally; on S3 copied server-side, each checkpoint's meta.json after its
+    model.pt). A non-empty ``dst`` is refused unless ``overwrite``. Returns (files, bytes)."""
     files = storage.walk(src)
     if not files:
         raise LstmgenError(f"{src}: nothing to copy")
-    storage.copy_tree(src, dst)
-    copied = storage.walk(dst)
+    if storage.walk(dst) and not overwrite:
+        raise LstmgenError(f"{dst}: not empty; pass --overwrite to replace what is there, or choose another destination")
+    staging = f"{dst.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
+    storage.copy_tree(src, staging)
+    copied = storage.walk(staging)
     for rel, size in files.items():
         if copied.get(rel) != size:
-            raise LstmgenError(f"{dst}/{rel}: size differs after copy ({copied.get(rel)} != {size})")
+            raise LstmgenError(f"{staging}/{rel}: size differs after copy ({copied.get(rel)} != {size}); {dst} untouched")
         a = hashlib.sha256(storage.read_bytes(storage.join(src, rel))).hexdigest()
-        b = hashlib.sha256(storage.read_bytes(storage.join(dst, rel))).hexdigest()
+        b = hashlib.sha256(storage.read_bytes(storage.join(staging, rel))).hexdigest()
         if a != b:
-            raise LstmgenError(f"{dst}/{rel}: SHA-256 differs after copy")
+            raise LstmgenError(f"{staging}/{rel}: SHA-256 differs after copy; {dst} untouched")
+    storage.publish(staging, dst, last=lambda rel: Path(rel).name == "meta.json")
     return len(files), sum(files.values())

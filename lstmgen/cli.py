@@ -291,10 +291,10 @@ def checkpoints_list(run: str = typer.Argument(..., help="Run directory (local o
 
     if not storage.exists(run):
         raise LstmgenError(f"{run}: no such run directory")
-    entries = ck.list_checkpoints(run)
+    entries = [ck.verify(e) for e in ck.list_checkpoints(run)]  # a damaged one is marked, never best or latest
     if not entries:
         raise LstmgenError(f"{run}: no checkpoints")
-    chosen, latest = ck.best(entries), max(e.step for e in entries if not e.error) if any(not e.error for e in entries) else None
+    chosen, latest = ck.best(entries), max((e.step for e in entries if not e.error), default=None)
     typer.echo(f"{'step':>8}  {'val bpc':>8}  {'size':>9}  {'':11}  path")
     for e in entries:
         size = sum(f.size for f in storage.list_dir(e.path) if f.type.name == "File")
@@ -306,12 +306,14 @@ def checkpoints_list(run: str = typer.Argument(..., help="Run directory (local o
 @checkpoints_app.command("copy")
 def checkpoints_copy(src: str = typer.Argument(..., help="Run or checkpoint directory."),
                      dst: str = typer.Argument(..., help="Destination directory (local or s3://)."),
+                     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty destination."),
                      s3_endpoint: Optional[str] = S3_ENDPOINT) -> None:
-    """Copy a run or one checkpoint between local disk and S3, verified file by file."""
+    """Copy a run or one checkpoint between local disk and S3, verified file by file before it
+    appears at the destination."""
     _setup(s3_endpoint, ray=False)
     from lstmgen.checkpoint import copy_verified
 
-    files, size = copy_verified(src, dst)
+    files, size = copy_verified(storage.absolute(src), storage.absolute(dst), overwrite=overwrite)
     typer.echo(f"copied {files} file(s), {size / 1e6:.2f} MB: {src} -> {dst} (sizes and SHA-256 verified)")
 
 

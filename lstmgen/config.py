@@ -14,6 +14,9 @@ WIKITEXT2_URL = "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikite
 WIKITEXT2_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
 
 
+MAX_SEQ_LEN = 32766  # a window's ``length`` column is int16 and holds up to seq_len + 1
+
+
 @dataclass
 class PrepareConfig:
     out: str
@@ -28,8 +31,8 @@ class PrepareConfig:
     shared_fs: bool = False  # local paths are on a filesystem every node mounts (EFS, NFS)
 
     def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise LstmgenError(f"--seq-len must be at least 2 (got {self.seq_len})")
+        if not 2 <= self.seq_len <= MAX_SEQ_LEN:
+            raise LstmgenError(f"--seq-len must be in [2, {MAX_SEQ_LEN}] (got {self.seq_len})")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise LstmgenError(f"--valid-fraction must be in [0, 1) (got {self.valid_fraction})")
         if not self.chunk_mb > 0:

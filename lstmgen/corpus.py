@@ -103,6 +103,10 @@ def find_sources(corpus: list[str]) -> dict[str, list[str]]:
                 named[split] = hits[:1]
         if "train" in named:
             return named
+        if named:  # valid/test files but no training file: never guess which text to train on
+            raise LstmgenError(f"{corpus[0]}: holds {', '.join(Path(named[s][0]).name for s in named)} but no training "
+                               "file (wiki.train.raw, train.txt or train); add it, or name the files to train on "
+                               "with --corpus FILE")
         files = [c for c in children if not Path(c).name.startswith(".")]
         if not files:
             raise LstmgenError(f"{corpus[0]}: directory holds no files")

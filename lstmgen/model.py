@@ -10,7 +10,20 @@ time loop, and each step adds one hidden matmul and the pointwise gates
 Parameters are those of ``torch.nn.LSTM`` (``weight_ih_l{k}``, ``weight_hh_l{k}``,
 ``bias_ih_l{k}``, ``bias_hh_l{k}``, gate order i, f, g, o), so ``cell="fused"`` runs the very
 same weights through PyTorch's fused kernel (cuDNN on a GPU), and a checkpoint works with both.
-No Ray here: this module is plain PyTorch.
+
+Three paths run those weights; ``LSTM.forward`` picks one:
+
+    cell="fused"                   torch.nn.LSTM's own kernel (oneDNN on a CPU, cuDNN on a GPU)
+    explicit, autograd off         ``lstm_cell`` per step, exactly the equations above: evaluation
+                                   and generation (one character at a time, state carried)
+    explicit, autograd on          ``LSTMRecurrence``: the same equations, time-major with the
+                                   gates reordered, and backpropagation through time written out
+                                   instead of autograd's graph of 64 small steps (training speed)
+
+Both explicit paths do each step's hidden matmul through ``StepMatmul``: oneDNN's private linear
+ops on a CPU (a weight reordered once), ``torch.addmm`` wherever those are missing or disabled
+(``LSTMGEN_ONEDNN=0``). ``tests/test_model.py`` checks all of them against ``torch.nn.LSTM``,
+outputs and gradients, with and without the private ops. No Ray here: plain PyTorch.
 """
 
 from __future__ import annotations
@@ -286,6 +299,14 @@ class CharLSTM(nn.Module):
         Generation calls this in a loop, so each new character costs O(1), never the prefix."""
         logits, state = self.forward(ids[:, None], state)
         return logits[:, 0], state
+
+    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        """AdamW that decays the weight matrices of the LSTM and the head, not the embeddings,
+        biases or norms (nanoGPT's grouping)."""
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        rest = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

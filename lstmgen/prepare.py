@@ -23,6 +23,8 @@ from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
 from lstmgen.windows import count_windows, encode_chunk
 
+MAX_VOCAB = 1 << 16  # window ids are uint8, or uint16 past 256 characters
+
 
 def prepare(cfg: PrepareConfig) -> dict:
     t0 = time.time()
@@ -80,6 +82,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     # Vocabulary: characters of the training split only.
     train_counts = _count_in_ranges(counted, chunks, streams["train"], char0)
     vocab = Vocab.from_codepoints(train_counts)
+    if len(vocab) > MAX_VOCAB:
+        raise LstmgenError(f"{', '.join(sources)}: {len(vocab):,} distinct characters in the training text; "
+                           f"ids are stored as uint16, so at most {MAX_VOCAB:,} (including <unk>) fit")
     storage.write_text(storage.join(out, "vocab.json"), vocab.to_json())
 
     manifest: dict = {

@@ -46,7 +46,7 @@ def summary(run: str) -> str:
     png = plot(history, run)
     last = history[-1]
     best_row = min(history, key=lambda r: r.get("val_bpc", float("inf")))
-    chosen = checkpoint.best(checkpoint.list_checkpoints(run))
+    chosen = checkpoint.first_intact(checkpoint.ranked(checkpoint.list_checkpoints(run)))  # what --checkpoint RUN loads
     lines = [
         f"run          {run}",
         f"steps        {last['step']}  ({last['elapsed_s'] / 60:.1f} min, {last['chars_per_s'] / 1e3:.1f}k chars/s at the end)",

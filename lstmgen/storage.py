@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from pathlib import Path
 
@@ -160,6 +161,32 @@ def copy_tree(src: str, dst: str) -> None:
         raise _describe(f"{src} -> {dst}", exc) from exc
 
 
+def publish(staging: str, dst: str, last=lambda rel: False) -> None:
+    """Move a complete staging directory to ``dst``, replacing what is there. Locally one rename
+    (after the old ``dst`` is moved aside and then removed); on S3, server-side copies, the files
+    for which ``last(rel)`` holds (commit markers) after all others, then the staging prefix and
+    any of ``dst``'s objects the staging did not have are deleted."""
+    sfs, sp = resolve(staging)
+    dfs, dp = resolve(dst)
+    try:
+        if isinstance(dfs, pafs.LocalFileSystem):
+            old = f"{dp}.old-{uuid.uuid4().hex[:8]}"
+            if Path(dp).exists():
+                os.replace(dp, old)
+            os.replace(sp, dp)
+            if Path(old).exists():
+                dfs.delete_dir(old)
+            return
+        new = walk(staging)
+        for rel in sorted(new, key=last):  # False sorts first
+            dfs.copy_file(f"{sp}/{rel}", f"{dp}/{rel}")
+        for rel in set(walk(dst)) - set(new):
+            dfs.delete_file(f"{dp}/{rel}")
+        dfs.delete_dir(sp)
+    except OSError as exc:
+        raise _describe(f"{staging} -> {dst}", exc) from exc
+
+
 def walk(path: str) -> dict[str, int]:
     """Every file under a directory: relative path -> size in bytes."""
     fs, p = resolve(path)
@@ -171,7 +198,13 @@ def walk(path: str) -> dict[str, int]:
 
 
 def absolute(path: str) -> str:
-    """Local paths made absolute (Ray workers and jobs run in other directories); S3 unchanged."""
+    """Local paths made absolute (Ray workers and jobs run in other directories); S3 unchanged.
+    Any other scheme (``s3a://``, ``gs://``, ``S3://``, ``http://``) is refused, never taken for
+    a local directory of that name."""
     if not path or is_s3(path):
         return path
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", path)
+    if scheme:
+        hint = "; S3 paths are spelled s3://" if scheme.group(1).lower().startswith("s3") else ""
+        raise LstmgenError(f"{path}: {scheme.group(1)}:// is not supported here (a local path or s3://BUCKET/PREFIX){hint}")
     return str(Path(path).expanduser().resolve())

@@ -27,7 +27,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Passed to the job: where S3 is and how Ray should log. Credentials are never sent: the cluster
 # has its own (an instance profile on AWS), and runtime_env is visible in the dashboard.
 PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "LSTMGEN_WIKITEXT_URL",
-            "LSTMGEN_WIKITEXT_SHA256", "LSTMGEN_FAIL_AT_STEP")
+            "LSTMGEN_WIKITEXT_SHA256", "LSTMGEN_FAIL_AT_STEP", "LSTMGEN_FAIL_MARKER")
 EXCLUDES = [".git", ".venv", "venv", ".ci-work", ".lstmgen-rehearsal", "data", "runs", "gen", "lstmgen-run", "*.parquet", "*.pt",
             "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "bench/out"]
 

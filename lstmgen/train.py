@@ -1,16 +1,17 @@
 """Train job: Ray Train data-parallel workers over the explicit LSTM.
 
-Reads top to bottom: the driver checks the data and the run directory, hands Ray Train a Ray
-Data dataset of windows, and ``train_loop`` runs on every worker: build the model (restoring the
-latest checkpoint if Ray Train hands one back after a failure or ``--resume``), then loop over
-shuffled batches with AdamW, warmup + cosine LR and gradient clipping; every ``eval_every`` steps
-rank 0 measures validation bits per character, writes ``metrics.jsonl`` and ``loss.png`` into the
-run directory, and a checkpoint is reported to Ray Train, which keeps the best ``keep`` by
-validation bpc plus the latest.
+Reads top to bottom: ``train`` (the driver) checks the data, the run directory and the cluster's
+capacity, then hands Ray Train a Ray Data dataset of windows; ``train_loop`` runs on every worker:
+restore the newest checkpoint if there is one, then per step set the LR (warmup, then cosine over
+the step or time budget), forward with the LSTM state carried from the previous batch of the same
+text streams (truncated BPTT, as char-rnn trains; ``--shuffle-windows`` starts each window from
+zero instead), backward, clip, AdamW step, log; every ``eval_every`` steps the workers score the
+validation text together, rank 0 writes ``metrics.jsonl`` and ``loss.png`` into the run directory,
+and a checkpoint is reported to Ray Train, which keeps the best ``keep`` by validation bpc plus
+the latest.
 
 On restart the step counter, optimizer state and LR schedule continue from the checkpoint; the
-data order does not replay: each (re)started epoch is a fresh shuffle, so a resumed run samples
-windows as if the epoch had been reshuffled at the failure point.
+data position does not: a restarted worker begins a new epoch of its shard at a new random offset.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -161,87 +162,91 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint restores and every metrics row reports."""
+
+    step: int = 0
+    elapsed: float = 0.0  # training seconds before this (re)start
+    resumed_from: int = 0  # the step this attempt started from (0: a fresh run)
+    history: list[dict] = field(default_factory=list)  # one metrics row per evaluation
+
+
+@dataclass
+class Window:
+    """Training loss and throughput since the last metrics row."""
+
+    bits: float = 0.0
+    steps: int = 0
+    chars: int = 0
+    start: float = field(default_factory=time.time)
+
+    def bpc(self) -> float:
+        return self.bits / max(1, self.steps)
+
+    def chars_per_s(self) -> float:
+        return self.chars / max(1e-9, time.time() - self.start)
+
+
 def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker. Lines marked ``# Ray`` are Ray Train's; the rest is plain
+    PyTorch data-parallel training."""
     import ray
     import ray.train
     import ray.train.torch
 
     cfg = TrainConfig(**config["train"])
-    vocab_tokens, seq_len = config["vocab"], config["seq_len"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    vocab, seq_len = config["vocab"], config["seq_len"]
+    ctx = ray.train.get_context()  # Ray
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()  # Ray
+    device = ray.train.torch.get_device()  # Ray
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
+    if config["cluster"]:
+        _print_worker_nodes(ray.get_runtime_context().get_node_id(), rank, world)
 
-    model_cfg = ModelConfig(vocab_size=len(vocab_tokens), embed=cfg.embed, hidden=cfg.hidden,
-                            layers=cfg.layers, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell)
+    # Model and optimizer, restored from the newest checkpoint when there is one.
+    model_cfg = ModelConfig(vocab_size=len(vocab), embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers,
+                            dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell)
     model = CharLSTM(model_cfg)
-    step, elapsed, history, state, resumed_from = 0, 0.0, [], None, 0
-    restored = ray.train.get_checkpoint()  # Ray Train's latest: after a restart, or its record of the run
-    if restored:
-        with restored.as_directory() as d:
-            state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
-            history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
-    newest = config["resume_from"]  # --resume: the newest intact checkpoint in the run directory
-    if newest and (state is None or newest["step"] > state["step"]):  # Ray's record can lag a killed driver
-        loaded = checkpoint.load(newest["path"])
-        state, history = loaded.state, loaded.meta.get("history", [])
+    state, run = _restore(ray.train.get_checkpoint(), config["resume_from"])  # Ray: its record of the run
     if state is not None:
         model.load_state_dict(state["model"])
-        step, elapsed = state["step"], state["elapsed"]
-        resumed_from = step
         if rank == 0:
-            print(f"train: resumed from step {step}")
-    if config["cluster"]:  # where each worker landed, for the job's log (rank 0 prints them all:
-        node = ray.get_runtime_context().get_node_id()  # Ray's log dedup would hide the others' lines)
-        nodes = [node] * world
-        if world > 1:
-            dist.all_gather_object(nodes, node)
-        for r, n in enumerate(nodes if rank == 0 else []):
-            print(f"train: worker {r} of {world} on node {n}", flush=True)
-    model = ray.train.torch.prepare_model(model)
+            print(f"train: resumed from step {run.step}")
+    model = ray.train.torch.prepare_model(model)  # Ray: DistributedDataParallel on the right device
     raw = model.module if hasattr(model, "module") else model
-    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in raw.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    opt = raw.optimizer(cfg.lr, cfg.weight_decay)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
 
+    shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the windows
     valid = split_stream(cfg.data, "valid", cfg.val_chars) if config["has_valid"] else None
-    shard = ray.train.get_dataset_shard("train")
-    budget = cfg.max_minutes * 60
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # see model.py, "Precision"
-    fail_at = int(os.environ.get("LSTMGEN_FAIL_AT_STEP", "0"))  # fault-injection hook for tests
+    budget, t_start = cfg.max_minutes * 60, time.time()
+    window, saved_step = Window(), run.step  # the loss since the last metrics row; the newest checkpoint's step
 
     def agree(have_batch: bool) -> tuple[float, bool]:
         """One all-reduce per step: every worker learns the furthest progress (so all stop
         together) and whether every worker has a next batch (so an epoch ends for all when
         the shortest shard runs out; none waits in the gradient all-reduce while another
         waits at Ray Data's epoch barrier)."""
-        p = max(step / cfg.max_steps, (elapsed + time.time() - t_start) / budget if budget else 0.0)
+        p = max(run.step / cfg.max_steps, (run.elapsed + time.time() - t_start) / budget if budget else 0.0)
         if world == 1:
             return p, have_batch
         t = torch.tensor([p, 0.0 if have_batch else 1.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t[0].item(), t[1].item() == 0.0
 
-    t_start = time.time()
-    window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
-    saved_step = step  # the step of the newest checkpoint (the restored one, or none at 0)
-
     def evaluate_and_report(lr: float, save: bool) -> None:
-        """Validation bpc (every worker scores its share of the rows), the metrics row, and on
-        rank 0 the metrics file, the plot and (``save``) a checkpoint."""
-        nonlocal window_bits, window_steps, window_chars, t_window, saved_step
-        now = time.time()
-        train_bpc = window_bits / window_steps if window_steps else history[-1]["train_bpc"]  # none since the last row
-        row = {"step": step, "train_bpc": train_bpc, "lr": lr,
-               "chars_per_s": window_chars / max(1e-9, now - t_window),
-               "elapsed_s": elapsed + now - t_start, "resumed_from": resumed_from, "workers": world}
+        """Validation bpc (every worker scores its share of the rows), then the metrics row and,
+        when ``save``, a checkpoint (rank 0 writes both)."""
+        nonlocal window
+        row = {"step": run.step, "train_bpc": window.bpc() if window.steps else run.history[-1]["train_bpc"],
+               "lr": lr, "chars_per_s": window.chars_per_s(), "elapsed_s": run.elapsed + time.time() - t_start,
+               "resumed_from": run.resumed_from, "workers": world}
         if valid is not None:
             part = torch.tensor(stream_bits(raw, valid, device=str(device), part=(rank, world)),
                                 dtype=torch.float64, device=device)
@@ -249,13 +254,14 @@ def train_loop(config: dict) -> None:
                 dist.all_reduce(part)
             row["val_bpc"] = float(part[0] / part[1])
         row.setdefault("val_bpc", row["train_bpc"])  # no valid split: rank by training loss
-        history.append(row)
-        _report(cfg, raw, opt, step, elapsed + now - t_start, row, history, vocab_tokens, model_cfg,
-                rank, seq_len, save=save)
-        window_bits, window_steps, window_chars, t_window = 0.0, 0, 0, time.time()
-        saved_step = step if save else saved_step
+        run.history.append(row)
+        if rank != 0:
+            ray.train.report(row)  # Ray: every worker reports; rank 0's checkpoint is the one kept
+        else:
+            _publish(cfg, run, row, raw, opt, model_cfg, vocab, seq_len, save)
+        window = Window()
 
-    rng = np.random.default_rng(cfg.seed + step)  # the same on every worker
+    rng = np.random.default_rng(cfg.seed + run.step)  # the same on every worker
     progress, done, lr = 0.0, False, cfg.lr
     while not done:
         batches, carried, epoch_steps = epoch_batches(shard, cfg, seq_len, rng), None, 0
@@ -263,35 +269,38 @@ def train_loop(config: dict) -> None:
         progress, go = agree(batch is not None)
         done = progress >= 1.0
         while go and not done:
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            lr = lr_at(cfg, step, progress)
+            # lr: warmup, then cosine over the step or time budget
+            lr = lr_at(cfg, run.step, progress)
             for group in opt.param_groups:
                 group["lr"] = lr
+            # forward (the LSTM state carried over from the previous batch of the same streams)
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             model.train()
             with amp:
                 logits, carried = model(x, carried if cfg.carry_state else None)
                 loss = bits_per_char(logits.float(), y)
             carried = detach(carried)
+            # backward (DDP all-reduces the gradients), clip, step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
-            step += 1
-            epoch_steps += 1
-            window_bits += loss.item()
-            window_steps += 1
-            window_chars += x.numel() * world
-            if fail_at and step == fail_at and _first_failure(cfg.run):
-                raise RuntimeError(f"injected failure at step {step} (LSTMGEN_FAIL_AT_STEP)")
+            run.step, epoch_steps = run.step + 1, epoch_steps + 1
+            window.bits, window.steps, window.chars = window.bits + loss.item(), window.steps + 1, window.chars + x.numel() * world
+            _maybe_inject_failure(run.step)
+            # next batch, and whether every worker goes on
             batch = next(batches, None)
             progress, go = agree(batch is not None)
             done = progress >= 1.0
-            if rank == 0 and (step % cfg.log_every == 0 or done):
-                rate = window_chars / max(1e-9, time.time() - t_window)
-                print(f"step {step:6d} | {100 * progress:5.1f}% | train {window_bits / window_steps:.3f} bpc"
-                      f" | lr {lr:.2e} | {rate / 1e3:.1f}k chars/s", flush=True)
-            if step % cfg.eval_every == 0 or step % cfg.every_checkpoint == 0 or done:
-                evaluate_and_report(lr, save=step % cfg.every_checkpoint == 0 or done)
+            # log
+            if rank == 0 and (run.step % cfg.log_every == 0 or done):
+                print(f"step {run.step:6d} | {100 * progress:5.1f}% | train {window.bpc():.3f} bpc"
+                      f" | lr {lr:.2e} | {window.chars_per_s() / 1e3:.1f}k chars/s", flush=True)
+            # eval and checkpoint
+            save = run.step % cfg.every_checkpoint == 0 or done
+            if run.step % cfg.eval_every == 0 or save:
+                evaluate_and_report(lr, save)
+                saved_step = run.step if save else saved_step
         if done:
             break
         for _ in batches:  # read the rest of this epoch: Ray Data starts the next when every worker has
@@ -299,8 +308,35 @@ def train_loop(config: dict) -> None:
         if epoch_steps == 0:  # every worker sees the same agreed count, so all stop here together
             raise LstmgenError(f"{cfg.data}: an epoch gave some worker no batch of {cfg.batch_size}; "
                                "lower --batch-size or --workers")
-    if step > saved_step:  # the budget ran out between epochs: the last steps still get their checkpoint
+    if run.step > saved_step:  # the budget ran out between epochs: the last steps still get their checkpoint
         evaluate_and_report(lr, save=True)
+
+
+def _restore(restored, newest: dict | None) -> tuple[dict | None, Progress]:
+    """The state to start from: Ray Train's checkpoint (after a worker-group restart, or its record
+    of the run), or with ``--resume`` the newest intact one in the run directory when that is newer
+    (Ray's record lags a driver that was killed)."""
+    state, history = None, []
+    if restored:
+        with restored.as_directory() as d:
+            state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
+            history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
+    if newest and (state is None or newest["step"] > state["step"]):
+        loaded = checkpoint.load(newest["path"])
+        state, history = loaded.state, loaded.meta.get("history", [])
+    if state is None:
+        return None, Progress()
+    return state, Progress(step=state["step"], elapsed=state["elapsed"], resumed_from=state["step"], history=history)
+
+
+def _print_worker_nodes(node: str, rank: int, world: int) -> None:
+    """Where each worker landed, for the job's log. Rank 0 prints them all: Ray's log
+    deduplication would hide the other workers' lines, which differ only in numbers."""
+    nodes = [node] * world
+    if world > 1:
+        dist.all_gather_object(nodes, node)
+    for r, n in enumerate(nodes if rank == 0 else []):
+        print(f"train: worker {r} of {world} on node {n}", flush=True)
 
 
 def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):
@@ -333,35 +369,41 @@ def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generato
         yield x_all[:, t : t + seq_len], y_all[:, t : t + seq_len]
 
 
-def _report(cfg, raw, opt, step, elapsed, row, history, vocab_tokens, model_cfg, rank, seq_len, save) -> None:
+def _publish(cfg: TrainConfig, run: Progress, row: dict, raw: CharLSTM, opt, model_cfg: ModelConfig,
+             vocab: list[str], seq_len: int, save: bool) -> None:
+    """Rank 0: metrics.jsonl and loss.png into the run directory, and the row (with a checkpoint
+    when ``save``) to Ray Train, which persists the checkpoint and keeps the best ``--keep``."""
     import ray.train
 
-    if rank != 0:
-        ray.train.report(row)
-        return
-    print(f"step {step:6d} | valid {row['val_bpc']:.3f} bpc", flush=True)
-    storage.write_text(storage.join(cfg.run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+    print(f"step {run.step:6d} | valid {row['val_bpc']:.3f} bpc", flush=True)
+    storage.write_text(storage.join(cfg.run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.history))
     try:
         from lstmgen.report import plot
 
-        plot(history, cfg.run)
+        plot(run.history, cfg.run)
     except Exception as exc:  # a plot must never stop training
         print(f"train: could not plot ({exc})")
     if not save:
-        ray.train.report(row)
+        ray.train.report(row)  # Ray
         return
     with tempfile.TemporaryDirectory() as d:
-        state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed}
-        meta = {"step": step, "metrics": row, "history": history, "train": asdict(cfg),
-                "model": asdict(model_cfg), "vocab": vocab_tokens, "seq_len": seq_len}
+        state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": run.step, "elapsed": row["elapsed_s"]}
+        meta = {"step": run.step, "metrics": row, "history": run.history, "train": asdict(cfg),
+                "model": asdict(model_cfg), "vocab": vocab, "seq_len": seq_len}
         checkpoint.save(d, state, meta)
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=checkpoint.checkpoint_name(step))
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),  # Ray: persisted to the run directory
+                         checkpoint_dir_name=checkpoint.checkpoint_name(run.step))
 
 
-def _first_failure(run: str) -> bool:
-    marker = storage.join(run, ".injected_failure")
-    if storage.exists(marker):
-        return False
-    storage.write_text(marker, "1")
-    return True
+def _maybe_inject_failure(step: int) -> None:
+    """For the fault tests only: ``LSTMGEN_FAIL_AT_STEP=N`` with ``LSTMGEN_FAIL_MARKER=FILE`` fails
+    a worker once at step N (the marker file, outside the run directory, says it has happened)."""
+    at, marker = os.environ.get("LSTMGEN_FAIL_AT_STEP"), os.environ.get("LSTMGEN_FAIL_MARKER")
+    if not at or not marker or step != int(at):
+        return
+    try:
+        with open(marker, "x") as f:  # only the first worker to get here, in the first attempt
+            f.write(str(step))
+    except FileExistsError:
+        return
+    raise RuntimeError(f"injected failure at step {step} (LSTMGEN_FAIL_AT_STEP)")

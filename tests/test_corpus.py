@@ -88,6 +88,16 @@ def test_wikitext_directory_gives_explicit_splits(ray_local, tmp_path):
     assert (tmp_path / "d" / "test").is_dir()
 
 
+def test_a_directory_without_a_training_file_is_refused_not_guessed(ray_local, tmp_path):
+    corpus = tmp_path / "wt"
+    corpus.mkdir()
+    for name in ("wiki.valid.raw", "wiki.test.raw", "notes.txt"):
+        (corpus / name).write_text(wiki_text(2000))
+    with pytest.raises(LstmgenError, match="no training file"):
+        prepare(PrepareConfig(out=str(tmp_path / "d"), corpus=[str(corpus)]))
+    assert not (tmp_path / "d").exists()
+
+
 def test_invalid_utf8_reports_byte_offset(ray_local, tmp_path):
     src = tmp_path / "bad.txt"
     src.write_bytes(b"fine text " * 100 + b"\xff\xfe broken")

@@ -29,7 +29,8 @@ def _rows(run) -> list[dict]:
 def test_worker_failure_resumes_from_the_last_checkpoint(data, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", "--data", str(data), "--run", str(run), "--workers", "2", "--max-steps", "60",
-                "--hidden", "64", "--eval-every", "20", "--max-failures", "1", env={"LSTMGEN_FAIL_AT_STEP": "30"})
+                "--hidden", "64", "--eval-every", "20", "--max-failures", "1",
+                env={"LSTMGEN_FAIL_AT_STEP": "30", "LSTMGEN_FAIL_MARKER": str(tmp_path / "failed")})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "injected failure at step 30" in r.stdout + r.stderr
     rows = _rows(run)

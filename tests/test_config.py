@@ -1,0 +1,79 @@
+"""Job configs: one place for every default, and flags a user did not give stay "not given"
+through `--resume` (on real files in a run directory; no Ray needed)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lstmgen.config import TrainConfig, default, train_config
+from lstmgen.corpus import Vocab
+from lstmgen.errors import LstmgenError
+from lstmgen.train import _reconcile_run, _save_run
+
+from .conftest import one_line_error, run_cli
+
+
+@pytest.fixture()
+def saved_run(tmp_path):
+    """A run first trained with 4 workers, 9 minutes and an explicit --keep 5."""
+    vocab = Vocab(["<unk>", "a", "b"])
+    first = train_config("", data=str(tmp_path / "data"), run=str(tmp_path / "run"), workers=4, max_minutes=9.0, keep=5)
+    _save_run(first, vocab)
+    return first, vocab
+
+
+def test_resume_takes_the_limits_given_now_and_keeps_the_rest(saved_run):
+    first, vocab = saved_run
+    again = _reconcile_run(train_config("", data=first.data, run=first.run, resume=True, workers=2, workers_max=0), vocab)
+    assert (again.workers, again.max_minutes, again.keep) == (2, 9.0, 5)  # --workers 2 wins, even at its default
+    same = _reconcile_run(train_config("", data=first.data, run=first.run, resume=True), vocab)
+    assert (same.workers, same.max_minutes, same.keep) == (4, 9.0, 5)  # nothing given: the saved run's values
+
+
+def test_resume_never_changes_the_model(saved_run):
+    first, vocab = saved_run
+    again = _reconcile_run(train_config("", data=first.data, run=first.run, resume=True, hidden=64), vocab)
+    assert again.hidden == first.hidden  # not in RESUMABLE: the checkpoint's shape rules
+    with pytest.raises(LstmgenError, match="another vocabulary"):
+        _reconcile_run(train_config("", data=first.data, run=first.run, resume=True), Vocab(["<unk>", "c"]))
+
+
+def test_presets_are_overridden_by_flags_and_recorded_as_not_given():
+    cfg = train_config("best", data="d", run="r", hidden=128)
+    assert cfg.hidden == 128 and cfg.layers == 2 and cfg.given == ["hidden"]
+    with pytest.raises(LstmgenError, match="unknown --preset"):
+        train_config("huge", data="d", run="r")
+
+
+def test_the_help_shows_the_dataclass_defaults():
+    out = subprocess.run([sys.executable, "-m", "lstmgen.cli", "train", "--help"], capture_output=True, text=True,
+                         env={"COLUMNS": "300", "PATH": ""}).stdout
+    for name in ("hidden", "lr", "max_minutes", "eval_every", "workers"):
+        assert default(TrainConfig, name) in out, (name, out)
+    saved = json.loads(json.dumps(TrainConfig(data="d", run="r").__dict__))
+    assert saved["given"] == []
+
+
+def test_the_readme_states_the_same_defaults():
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    d = TrainConfig(data="d", run="r")
+    for phrase in (f"{d.layers} x {d.hidden} explicit LSTM", f"embedding {d.embed}", f"dropout {d.dropout}",
+                   f"{d.workers} workers x batch {d.batch_size}", f"lr {d.lr:.0e}".replace("e-0", "e-"),
+                   f"weight decay {d.weight_decay}", f"{d.warmup_steps} warmup steps", f"clip {d.clip}",
+                   f"every {d.eval_every} steps", f"--max-minutes {d.max_minutes:g}", f"--max-steps {d.max_steps}"):
+        assert phrase in text, phrase
+
+
+@pytest.mark.parametrize("out", ["s3a://bucket/data", "S3://bucket/data", "gs://bucket/data", "http://host/data"])
+def test_unknown_uri_schemes_are_refused_not_made_local_directories(tmp_path, out):
+    one_line_error(run_cli("prepare", "--out", out, "--corpus", "c.txt", cwd=tmp_path), out, "not supported")
+    one_line_error(run_cli("prepare", "--out", "d", "--corpus", out, cwd=tmp_path), out)
+    assert not any(tmp_path.iterdir())
+
+
+def test_values_too_large_for_their_storage_type_are_refused(tmp_path):
+    one_line_error(run_cli("prepare", "--out", "d", "--corpus", "c.txt", "--seq-len", "40000", cwd=tmp_path), "--seq-len")
+    assert not any(tmp_path.iterdir())
