@@ -94,7 +94,7 @@ def verify(entry: Entry) -> Entry:
         try:
             _model_bytes(entry.path, entry.meta)
         except LstmgenError as exc:
-            entry.error = "damaged (" + str(exc).removeprefix(entry.path + ": ") + ")"
+            entry.error = "damaged: " + str(exc).removeprefix(entry.path + ": ")
     return entry
 
 

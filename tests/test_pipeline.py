@@ -35,7 +35,7 @@ def test_training_reduces_loss_and_writes_the_run(trained):
     assert [r["step"] for r in rows] == [40, 80]
     assert rows[-1]["val_bpc"] < rows[0]["val_bpc"] and rows[-1]["train_bpc"] < rows[0]["train_bpc"]
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    ckpts = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    ckpts = sorted(p.name for p in run.glob("checkpoint_0*") if p.is_dir())
     assert ckpts == ["checkpoint_0000040", "checkpoint_0000080"]
     meta = json.loads((run / "checkpoint_0000080" / "meta.json").read_text())
     assert meta["step"] == 80 and meta["vocab"][0] == "<unk>" and meta["train"]["workers"] == 2
@@ -116,6 +116,39 @@ def test_corrupt_and_pickled_checkpoints_are_refused(trained, tmp_path):
     marker = tmp_path / "pwned"
     one_line_error(run_cli("generate", "--checkpoint", str(evil), env={"PWN_MARKER": str(marker)}), "refused")
     assert not marker.exists()
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_skipped(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "runs" / "first", run)
+    latest = sorted(run.glob("checkpoint_0*"))[-1]
+    data = (latest / "model.pt").read_bytes()
+    (latest / "model.pt").write_bytes(data[: len(data) // 3])  # as a crash mid-upload leaves it
+    r = run_cli("checkpoints", "list", str(run))
+    assert r.returncode == 0, r.stderr
+    tags = {line.rsplit(None, 1)[1]: line.rsplit(None, 1)[0] for line in r.stdout.splitlines()[1:]}  # path -> the rest
+    assert "damaged" in tags[str(latest)] and "best" not in tags[str(latest)] and "latest" not in tags[str(latest)]
+    assert [path for path, rest in tags.items() if "best" in rest and "latest" in rest] != [str(latest)]
+    assert any("best" in rest for rest in tags.values()) and any("latest" in rest for rest in tags.values())
+    r = run_cli("generate", "--checkpoint", str(run), "--length", "20", "--prime", "The ")
+    assert r.returncode == 0 and r.stdout.startswith("The "), r.stderr[-2000:]
+    assert f"skipped {latest}" in r.stderr and "truncated or corrupt" in r.stderr
+
+
+def test_checkpoints_copy_never_mixes_two_runs(trained, tmp_path):
+    first = trained / "runs" / "first"
+    other = tmp_path / "other"
+    shutil.copytree(first, other)
+    shutil.rmtree(sorted(other.glob("checkpoint_0*"))[-1])  # a run with fewer checkpoints
+    dst = tmp_path / "dst"
+    assert run_cli("checkpoints", "copy", str(first), str(dst)).returncode == 0
+    before = sorted(p.relative_to(dst) for p in dst.rglob("*"))
+    one_line_error(run_cli("checkpoints", "copy", str(other), str(dst)), str(dst), "--overwrite")
+    assert sorted(p.relative_to(dst) for p in dst.rglob("*")) == before  # untouched
+    r = run_cli("checkpoints", "copy", str(other), str(dst), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in dst.glob("checkpoint_0*")) == sorted(p.name for p in other.glob("checkpoint_0*"))
+    assert not list(tmp_path.glob("dst.*"))  # no staging or set-aside directory left behind
 
 
 class Exploit:
