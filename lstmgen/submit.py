@@ -2,9 +2,14 @@
 
 The Ray SDK has no timeout of its own: a port that accepts TCP and never answers hangs
 ``submit_job`` for minutes, and a GCS address given instead of the dashboard URL takes tens of
-seconds to fail. So every command first probes ``GET /api/version`` with a short timeout and
-turns each failure into one line. Token authentication (Ray's default for new clusters) is on:
-the token comes from ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``.
+seconds to fail. So every command first probes the server with a short timeout and turns each
+failure into one line, and every SDK call after that has a deadline (``JobServer``); following a
+job's logs checks every few seconds that the server still answers.
+
+Token authentication (Ray's default for new clusters) is on: the token comes from
+``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, and is sent only to a server
+that has first identified itself as a Ray dashboard (``/api/authentication_mode``, which Ray
+serves without a token) and said that it wants one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +28,10 @@ from urllib.parse import urlparse
 
 from lstmgen.errors import LstmgenError
 
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 5.0  # the first contact
+REQUEST_TIMEOUT_S = 15.0  # each job-server call after it
+UPLOAD_TIMEOUT_S = 300.0  # a submission uploads the project (up to 100 MiB); logs can be long
+HEARTBEAT_S = 5.0  # while following logs
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Passed to the job: where S3 is and how Ray should log. Credentials are never sent: the cluster
 # has its own (an instance profile on AWS), and runtime_env is visible in the dashboard.
@@ -54,13 +63,9 @@ def auth_headers() -> dict:
         return {}
 
 
-def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> dict:
-    """Check that ``url`` is a reachable Ray job server, within ``timeout`` seconds."""
-    parsed = urlparse(url)
-    if parsed.port in (6379, 10001):
-        hint = "the GCS port" if parsed.port == 6379 else "the Ray Client port"
-        raise LstmgenError(f"{url}: port {parsed.port} is {hint}; the job server is the dashboard, usually http://{parsed.hostname}:8265")
-    request = urllib.request.Request(f"{url}/api/version", headers=auth_headers())
+def _get_json(url: str, path: str, headers: dict, timeout: float) -> dict:
+    """GET ``url + path`` as JSON within ``timeout`` seconds; every failure is one line."""
+    request = urllib.request.Request(f"{url}{path}", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read(65536)
@@ -68,7 +73,7 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> dict:
         if exc.code in (401, 403):
             raise LstmgenError(f"{url}: the job server wants a token (HTTP {exc.code}); set RAY_AUTH_TOKEN to the "
                                "cluster's token (ray get-auth-token on the head node)") from None
-        raise LstmgenError(f"{url}: not a Ray job server (GET /api/version answered HTTP {exc.code})") from None
+        raise LstmgenError(f"{url}: not a Ray job server (GET {path} answered HTTP {exc.code})") from None
     except TimeoutError:
         raise LstmgenError(f"{url}: no answer within {timeout:.0f} s (is this the dashboard address, and is the tunnel up?)") from None
     except urllib.error.URLError as exc:
@@ -79,24 +84,92 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> dict:
     except (OSError, ValueError) as exc:
         raise LstmgenError(f"{url}: cannot reach the job server ({exc})") from None
     try:
-        version = json.loads(body)
-        version["ray_version"]
-    except (ValueError, KeyError, TypeError):
-        raise LstmgenError(f"{url}: not a Ray job server (GET /api/version did not return Ray's version)") from None
-    return version
+        answer = json.loads(body)
+        return answer if isinstance(answer, dict) else {}
+    except ValueError:
+        return {}
 
 
-def client(address: str | None):
+def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> dict:
+    """Check that ``url`` is a reachable Ray job server, within ``timeout`` seconds each step, and
+    return the headers to talk to it with (the token only if it is Ray and asks for one)."""
+    parsed = urlparse(url)
+    if parsed.port in (6379, 10001):
+        hint = "the GCS port" if parsed.port == 6379 else "the Ray Client port"
+        raise LstmgenError(f"{url}: port {parsed.port} is {hint}; the job server is the dashboard, usually http://{parsed.hostname}:8265")
+    mode = _get_json(url, "/api/authentication_mode", {}, timeout).get("authentication_mode")  # no token sent
+    if mode not in ("disabled", "token"):
+        raise LstmgenError(f"{url}: not a Ray job server (GET /api/authentication_mode did not answer as Ray does)")
+    headers = auth_headers() if mode == "token" else {}
+    if "ray_version" not in _get_json(url, "/api/version", headers, timeout):
+        raise LstmgenError(f"{url}: not a Ray job server (GET /api/version did not return Ray's version)")
+    return headers
+
+
+def _within(timeout: float, what: str, call, *args, **kwargs):
+    """Run a blocking SDK call with a deadline (in a daemon thread, which a hung call cannot keep
+    the process alive in)."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise LstmgenError(f"{what}: no answer within {timeout:.0f} s; the job server stopped responding")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class JobServer:
+    """Ray's ``JobSubmissionClient`` with a deadline on each call (the SDK sets none)."""
+
+    def __init__(self, url: str, headers: dict):
+        from ray.job_submission import JobSubmissionClient
+
+        self.url, self.headers = url, headers
+        self.sdk = _within(REQUEST_TIMEOUT_S, url, JobSubmissionClient, url, headers=headers)
+
+    def _call(self, name: str, *args, timeout: float = REQUEST_TIMEOUT_S, **kwargs):
+        return _within(timeout, f"{self.url} ({name})", getattr(self.sdk, name), *args, **kwargs)
+
+    def submit_job(self, **kwargs) -> str:
+        return self._call("submit_job", timeout=UPLOAD_TIMEOUT_S, **kwargs)  # uploads the working_dir
+
+    def list_jobs(self):
+        return self._call("list_jobs")
+
+    def get_job_info(self, job_id: str):
+        return self._call("get_job_info", job_id)
+
+    def get_job_status(self, job_id: str):
+        return self._call("get_job_status", job_id)
+
+    def get_job_logs(self, job_id: str) -> str:
+        return self._call("get_job_logs", job_id, timeout=UPLOAD_TIMEOUT_S)
+
+    def stop_job(self, job_id: str) -> bool:
+        return self._call("stop_job", job_id)
+
+    def tail_job_logs(self, job_id: str):
+        return self.sdk.tail_job_logs(job_id)
+
+
+def client(address: str | None) -> JobServer:
     url = job_server_url(address)
-    probe(url)
+    headers = probe(url)
     import logging
-
-    from ray.job_submission import JobSubmissionClient
 
     for name in ("ray.dashboard.modules", "ray._private.runtime_env", "ray.dashboard"):
         logging.getLogger(name).setLevel(logging.WARNING)  # per-file upload notes drown the job id
 
-    return JobSubmissionClient(url, headers=auth_headers())
+    return JobServer(url, headers)
 
 
 def project_runtime_env() -> tuple[dict, str]:
@@ -136,16 +209,40 @@ def submit(job: str, args: list[str], address: str | None, gpu: bool = False) ->
                         metadata={"lstmgen": job}, **kwargs)
 
 
-def follow(c, job_id: str, out=sys.stdout) -> str:
-    """Print the job's logs as they come, until it ends; return its final status."""
+def follow(c: JobServer, job_id: str, out=sys.stdout) -> str:
+    """Print the job's logs as they come, until it ends; return its final status. A job may be
+    silent for long, so the server (not the stream) is checked every ``HEARTBEAT_S`` seconds:
+    two checks without an answer end the command in one line."""
 
     async def tail() -> None:
         async for lines in c.tail_job_logs(job_id):
             out.write(lines)
             out.flush()
 
+    async def heartbeat() -> None:
+        misses = 0
+        while misses < 2:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await asyncio.to_thread(_get_json, c.url, "/api/authentication_mode", {}, PROBE_TIMEOUT_S)
+                misses = 0
+            except LstmgenError:
+                misses += 1
+        raise LstmgenError(f"{c.url}: the job server stopped answering while following {job_id}; "
+                           f"the job may still be running (lstmgen jobs status {job_id})")
+
+    async def both() -> None:
+        tasks = [asyncio.ensure_future(tail()), asyncio.ensure_future(heartbeat())]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            task.result()
+
     try:
-        asyncio.run(tail())
+        asyncio.run(both())
+    except LstmgenError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the log stream closing early is not the job's status
         out.write(f"\n(log stream ended: {exc})\n")
     return wait(c, job_id, timeout=60)

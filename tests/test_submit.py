@@ -112,3 +112,65 @@ def test_a_job_server_url_given_to_a_job_command_is_refused_not_run_here(tmp_pat
     one_line_error(run_cli("prepare", "--out", "d", "--corpus", "c.txt", cwd=tmp_path, env={"RAY_ADDRESS": "http://127.0.0.1:8265"}),
                    "RAY_ADDRESS http://127.0.0.1:8265 is a job server", "unset RAY_ADDRESS")
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+class _FakeServer(http.server.ThreadingHTTPServer):
+    """A loopback HTTP server that answers from a table (path -> JSON) and records what it saw;
+    paths not in the table hang until the server is shut down (a stalled job server)."""
+
+    daemon_threads = True
+
+    def __init__(self, answers: dict):
+        self.answers, self.seen, self.release = answers, [], threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                server.seen.append((self.path, self.headers.get("Authorization")))
+                if self.path not in server.answers:
+                    server.release.wait(120)
+                    return
+                body = json.dumps(server.answers[self.path]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+
+
+RAY_VERSION = {"version": "4", "ray_version": "2.60.0", "ray_commit": "0" * 40, "session_name": "fake"}
+
+
+def test_the_token_goes_only_to_a_server_that_identified_itself_as_ray(tmp_path):
+    impostor = _FakeServer({"/api/version": RAY_VERSION, "/api/authentication_mode": {"mode": "token"}})
+    try:
+        one_line_error(run_cli("jobs", "list", "--address", impostor.url, env={"RAY_AUTH_TOKEN": "s3cr3t-token"}),
+                       "not a Ray job server")
+    finally:
+        impostor.close()
+    assert impostor.seen and all(auth is None for _, auth in impostor.seen), impostor.seen
+
+
+def test_a_job_server_that_stops_answering_ends_the_command_in_one_line(tmp_path):
+    stalled = _FakeServer({"/api/version": RAY_VERSION, "/api/authentication_mode": {"authentication_mode": "disabled"}})
+    try:
+        for args in (["jobs", "list"], ["jobs", "status", "some-job"], ["jobs", "logs", "some-job", "--follow"]):
+            t0 = time.time()
+            one_line_error(run_cli(*args, "--address", stalled.url, timeout=120), "no answer within 15 s")
+            assert time.time() - t0 < 40, args
+    finally:
+        stalled.close()
