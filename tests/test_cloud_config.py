@@ -47,6 +47,40 @@ def test_dashboard_and_job_server_stay_off_the_network():
     assert not (ROOT / "infra" / "lstmgen.yaml").read_text().count("0.0.0.0/0")
 
 
+def test_token_auth_and_imdsv2_on_every_node():
+    config = _cluster()
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        starts = [c for c in commands if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), starts
+    assert "~/.ray/auth_token" in config["file_mounts"]  # the token every node and `lstmgen submit` read
+    for name, node in config["available_node_types"].items():
+        assert node["node_config"]["MetadataOptions"]["HttpTokens"] == "required", name
+
+
+def _template() -> dict:
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, tag, node: {tag: loader.construct_scalar(node)
+                                                               if isinstance(node, yaml.ScalarNode) else None})
+    return yaml.load((ROOT / "infra" / "lstmgen.yaml").read_text(), Loader=Loader)
+
+
+def test_the_head_launches_and_tags_only_its_own_cluster_workers():
+    role = _template()["Resources"]["HeadRole"]["Properties"]
+    statements = [st for policy in role["Policies"] for st in policy["PolicyDocument"]["Statement"]]
+    for st in statements:
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        if not {"ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances"} & set(actions):
+            continue
+        assert st["Resource"] != "*", st  # every mutating EC2 action is scoped to resources or conditions
+        if "instance/*" in str(st["Resource"]):
+            assert st.get("Condition"), st
+    launch = next(st for st in statements if st.get("Sid") == "LaunchOnlyThisClustersWorkerInstances")
+    keys = set(launch["Condition"]["StringEquals"])
+    assert {"aws:RequestTag/ray-cluster-name", "ec2:InstanceProfile", "ec2:InstanceType", "ec2:MetadataHttpTokens"} <= keys
+
+
 def test_cloudformation_template_lints_clean():
     cfn_lint = shutil.which("cfn-lint")
     assert cfn_lint, "cfn-lint comes with the dev dependencies"
