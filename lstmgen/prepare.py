@@ -4,12 +4,17 @@ Pass 1 counts characters per chunk (which also validates UTF-8), so the driver l
 chunk's character offset, the split points and the vocabulary of the training split without
 reading the text itself. Pass 2 encodes each chunk and cuts its windows straight into Parquet
 shards. Memory is bounded by one chunk per task; nothing is O(corpus) in the driver.
+
+Everything is written to a staging directory beside ``--out`` and published only when complete
+(``storage.publish``; ``manifest.json`` last): an interrupted prepare, or an interrupted
+``--overwrite``, never leaves a mix of old and new data that ``train`` would accept.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict
 
@@ -31,8 +36,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     out = cfg.out
     storage.require_prefix(out)
     storage.check_bucket(out)
-    if storage.exists(storage.join(out, "manifest.json")) and not cfg.overwrite:
-        raise LstmgenError(f"{out}: already holds prepared data; pass --overwrite to replace it")
+    if storage.exists(storage.join(out, "manifest.json")):
+        if not cfg.overwrite:
+            raise LstmgenError(f"{out}: already holds prepared data; pass --overwrite to replace it")
+    elif storage.walk(out):
+        raise LstmgenError(f"{out}: holds files that are not prepared data (no manifest.json); choose another --out")
     # A download lands in the local --cache-dir: on a multi-node cluster that is a local corpus too.
     local_corpus = next((c for c in cfg.corpus if not storage.is_s3(c)), "") if cfg.corpus else cfg.cache_dir
     capacity.require_shared_storage({"--out": out, "--corpus": local_corpus}, cfg.shared_fs)
@@ -85,7 +93,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     if len(vocab) > MAX_VOCAB:
         raise LstmgenError(f"{', '.join(sources)}: {len(vocab):,} distinct characters in the training text; "
                            f"ids are stored as uint16, so at most {MAX_VOCAB:,} (including <unk>) fit")
-    storage.write_text(storage.join(out, "vocab.json"), vocab.to_json())
+    staging = f"{out.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"  # published as --out when complete
+    storage.write_text(storage.join(staging, "vocab.json"), vocab.to_json())
 
     manifest: dict = {
         "seq_len": cfg.seq_len, "vocab_size": len(vocab),
@@ -95,7 +104,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         "splits": {}, "config": asdict(cfg),
     }
     # Pass 2: encode and window, one Parquet directory per split.
-    fs, root = storage.resolve(out)
+    fs, root = storage.resolve(staging)
     for split, ranges in streams.items():
         tasks, n_windows = _window_tasks(counted, chunks, ranges, char0, cfg.seq_len)
         target = f"{root}/{split}"
@@ -116,7 +125,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     for entry, digest in zip(manifest["sources"], ray.get(hashes)):
         entry["sha256"] = digest
     manifest["seconds"] = round(time.time() - t0, 2)
-    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False))
+    storage.write_text(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False))
+    storage.publish(staging, out, last=lambda rel: rel == "manifest.json")
     print(f"prepare: wrote {out} (vocabulary {len(vocab)}, {manifest['seconds']} s)")
     return manifest
 

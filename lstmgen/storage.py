@@ -163,9 +163,10 @@ def copy_tree(src: str, dst: str) -> None:
 
 def publish(staging: str, dst: str, last=lambda rel: False) -> None:
     """Move a complete staging directory to ``dst``, replacing what is there. Locally one rename
-    (after the old ``dst`` is moved aside and then removed); on S3, server-side copies, the files
-    for which ``last(rel)`` holds (commit markers) after all others, then the staging prefix and
-    any of ``dst``'s objects the staging did not have are deleted."""
+    (after the old ``dst`` is moved aside and then removed). S3 has no rename: ``dst``'s commit
+    markers (the files for which ``last(rel)`` holds) are deleted first, so a reader never pairs
+    an old marker with new files; then server-side copies, the markers last; then ``dst``'s
+    objects the staging did not have, and the staging prefix, are deleted."""
     sfs, sp = resolve(staging)
     dfs, dp = resolve(dst)
     try:
@@ -177,10 +178,12 @@ def publish(staging: str, dst: str, last=lambda rel: False) -> None:
             if Path(old).exists():
                 dfs.delete_dir(old)
             return
-        new = walk(staging)
+        new, old_files = walk(staging), walk(dst)
+        for rel in filter(last, old_files):
+            dfs.delete_file(f"{dp}/{rel}")
         for rel in sorted(new, key=last):  # False sorts first
             dfs.copy_file(f"{sp}/{rel}", f"{dp}/{rel}")
-        for rel in set(walk(dst)) - set(new):
+        for rel in set(old_files) - set(new) - set(filter(last, old_files)):
             dfs.delete_file(f"{dp}/{rel}")
         dfs.delete_dir(sp)
     except OSError as exc:

@@ -15,6 +15,7 @@ Parquet schema (one row per window)::
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -104,8 +105,12 @@ def collate(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
 def read_split(data: str, split: str) -> pa.Table:
     """All windows of a split, in order, with plain pyarrow (local or S3)."""
     where = storage.join(data, split)
-    if not storage.is_dir(where):
-        raise LstmgenError(f"{data}: no {split!r} split here (is it a directory written by lstmgen prepare?)")
+    manifest_path = storage.join(data, "manifest.json")
+    if not storage.exists(manifest_path):
+        raise LstmgenError(f"{data}: no manifest.json; is it a directory written by lstmgen prepare?")
+    listed = json.loads(storage.read_text(manifest_path))["splits"]
+    if split not in listed or not storage.is_dir(where):  # only the splits the manifest lists are trusted
+        raise LstmgenError(f"{data}: no {split!r} split here (manifest.json lists {', '.join(listed)})")
     fs, p = storage.resolve(where)
     table = pq.read_table(p, filesystem=fs, schema=None)
     return table.sort_by("index")

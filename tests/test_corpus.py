@@ -3,7 +3,11 @@
 import hashlib
 import http.server
 import io
+import signal
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from lstmgen.errors import LstmgenError
 from lstmgen.prepare import prepare
 from lstmgen.windows import collate, read_split, split_stream
 
-from .conftest import wiki_text
+from .conftest import run_cli, wiki_text
 
 
 def test_vocab_round_trip_and_unknown_characters():
@@ -114,6 +118,54 @@ def test_empty_corpus_and_existing_output_are_refused(ray_local, tmp_path):
     with pytest.raises(LstmgenError, match="--overwrite"):
         prepare(PrepareConfig(out=str(out), corpus=[str(tmp_path / "corpus.txt")]))
     assert (out / "manifest.json").read_text() == before
+
+
+def test_overwrite_replaces_every_split_and_readers_trust_only_the_manifest(ray_local, tmp_path):
+    wt = tmp_path / "wt"
+    wt.mkdir()
+    for split, n in (("train", 3000), ("valid", 500), ("test", 400)):
+        (wt / f"wiki.{split}.raw").write_text(wiki_text(n))
+    out = tmp_path / "d"
+    prepare(PrepareConfig(out=str(out), corpus=[str(wt)], seq_len=16))
+    assert read_split(str(out), "test").num_rows > 0
+    (tmp_path / "other.txt").write_text("zzzz yyyy " * 300)  # one file: train + valid tail, no test split
+    prepare(PrepareConfig(out=str(out), corpus=[str(tmp_path / "other.txt")], seq_len=16, overwrite=True))
+    assert not (out / "test").exists() and not list(tmp_path.glob("d.*"))  # no old split, no staging left
+    assert Vocab.from_json((out / "vocab.json").read_text()).tokens[1:] == sorted(set("zzzz yyyy "))
+    with pytest.raises(LstmgenError, match="lists train, valid"):
+        read_split(str(out), "test")
+    (out / "stray").mkdir()  # a directory the manifest does not list is not a split
+    with pytest.raises(LstmgenError, match="no 'stray' split"):
+        read_split(str(out), "stray")
+
+
+def test_a_directory_of_other_files_is_never_taken_as_output(ray_local, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "c.txt").write_text(wiki_text(3000))
+    for overwrite in (False, True):
+        with pytest.raises(LstmgenError, match="not prepared data"):
+            prepare(PrepareConfig(out=str(tmp_path / "mine"), corpus=[str(tmp_path / "c.txt")], overwrite=overwrite))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_an_overwrite_killed_midway_leaves_the_old_data_whole(tmp_path):
+    (tmp_path / "a.txt").write_text(wiki_text(200_000))
+    (tmp_path / "b.txt").write_text(wiki_text(400_000)[::-1])
+    assert run_cli("prepare", "--corpus", "a.txt", "--out", "d", "--seq-len", "16", cwd=tmp_path).returncode == 0
+    before = {p.relative_to(tmp_path / "d"): p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-m", "lstmgen.cli", "prepare", "--corpus", "b.txt", "--out", "d",
+                             "--seq-len", "16", "--chunk-mb", "0.05", "--overwrite"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("d.partial-*/vocab.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)  # mid-way through writing the new data
+    proc.wait()
+    after = {p.relative_to(tmp_path / "d"): p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file()}
+    assert after == before  # the old data, whole; the half-written new data only in the staging directory
 
 
 # ---------------------------------------------------------------------------------------------
