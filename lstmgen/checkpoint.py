@@ -193,13 +193,14 @@ def copy_verified(src: str, dst: str, overwrite: bool = False) -> tuple[int, int
     every file's size and SHA-256 is checked there, and only then is the staging directory
     published (renamed locally; on S3 copied server-side, each checkpoint's meta.json after its
     model.pt). A non-empty ``dst`` is refused unless ``overwrite``. Returns (files, bytes)."""
-    files = storage.walk(src)
+    files = {rel: size for rel, size in storage.walk(src).items() if rel != "lease.json"}  # a live run's lease stays
     if not files:
         raise LstmgenError(f"{src}: nothing to copy")
     if storage.walk(dst) and not overwrite:
         raise LstmgenError(f"{dst}: not empty; pass --overwrite to replace what is there, or choose another destination")
     staging = f"{dst.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
     storage.copy_tree(src, staging)
+    storage.delete(storage.join(staging, "lease.json"))
     copied = storage.walk(staging)
     for rel, size in files.items():
         if copied.get(rel) != size:

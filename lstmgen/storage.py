@@ -121,6 +121,17 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def delete(path: str) -> None:
+    """Remove one file (nothing if it is already gone)."""
+    fs, p = resolve(path)
+    try:
+        fs.delete_file(p)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _describe(path, exc) from exc
+
+
 def list_dir(path: str) -> list[pafs.FileInfo]:
     """Direct children of a directory (empty if it does not exist)."""
     fs, p = resolve(path)

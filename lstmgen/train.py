@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lstmgen import capacity, checkpoint, storage
+from lstmgen import capacity, checkpoint, lease, storage
 from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
@@ -42,10 +42,8 @@ RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "preci
 
 
 def train(cfg: TrainConfig) -> dict:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+    """The driver: check the data, the run directory and the cluster's capacity, take the run's
+    lease, then hand the work to Ray Train."""
     manifest = _read_manifest(cfg.data)
     for split in ("train", "valid"):
         if split in manifest["splits"] and not storage.is_dir(storage.join(cfg.data, split)):
@@ -58,6 +56,18 @@ def train(cfg: TrainConfig) -> dict:
     capacity.require_shared_storage({"--data": cfg.data, "--run": cfg.run}, cfg.shared_fs)
     bundle, use_gpu = capacity.bundle_for(cfg.gpu)
     capacity.require("train", bundle, cfg.workers, cfg.wait_timeout)
+    run_lease = lease.acquire(cfg.run)  # one writer per run
+    try:
+        return _run_trainer(cfg, vocab, manifest, bundle, use_gpu)
+    finally:
+        run_lease.release()
+
+
+def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, use_gpu: bool) -> dict:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     _save_run(cfg, vocab)
     newest = checkpoint.latest_intact(cfg.run) if cfg.resume else None
 

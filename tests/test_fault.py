@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # trains, or starts an S3 server or a Ray cluster
 
@@ -50,6 +50,10 @@ def test_resume_after_the_driver_is_killed(data, tmp_path):
         while not (run / "checkpoint_0000040" / "meta.json").exists():
             assert time.time() < deadline and proc.poll() is None, "no checkpoint before the kill"
             time.sleep(0.5)
+        # One writer per run: a second train on the run in use is refused, and writes nothing.
+        metrics = (run / "metrics.jsonl").read_text()
+        one_line_error(run_cli("train", "--data", str(data), "--run", str(run), "--resume"), "in use by another train")
+        assert proc.poll() is None and (run / "metrics.jsonl").read_text().startswith(metrics)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
         proc.wait()
