@@ -8,14 +8,16 @@ starts cold). Training validation and ``lstmgen evaluate`` both use this functio
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lstmgen import checkpoint
+from lstmgen import checkpoint, storage
 from lstmgen.config import EvaluateConfig
 from lstmgen.errors import LstmgenError
 from lstmgen.model import CharLSTM, detach
@@ -119,9 +121,32 @@ def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float =
     return total_bits / total
 
 
+MIXTURE_BYTES_PER_CHAR = 800  # the count model's peak, measured at 590-780 bytes per character (order 10)
+
+
+def require_mixture_memory(chars: int, available: int | None = None) -> int:
+    """The count model holds every position of the training and scored text at once: say what
+    that needs, and refuse up front (not be killed without a word) when it would not fit in 80 %
+    of the memory available now. Returns the bytes needed."""
+    import psutil
+
+    need = chars * MIXTURE_BYTES_PER_CHAR
+    available = psutil.virtual_memory().available if available is None else available
+    if need > 0.8 * available:
+        raise LstmgenError(f"--mix-counts on {chars:,} characters needs ~{need / 2**30:.1f} GiB "
+                           f"({MIXTURE_BYTES_PER_CHAR} bytes per character of training and scored text), "
+                           f"{available / 2**30:.1f} GiB available; leave out --mix-counts or use a machine with more memory")
+    return need
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     loaded = checkpoint.load(cfg.checkpoint)
     checkpoint.check_vocab(loaded, cfg.data)
+    if cfg.mix_order:
+        splits = json.loads(storage.read_text(storage.join(cfg.data, "manifest.json")))["splits"]
+        chars = splits.get("train", {}).get("chars", 0) + splits.get(cfg.split, {}).get("chars", 0)
+        need = require_mixture_memory(chars)
+        print(f"evaluate: the count model needs ~{need / 2**30:.2f} GiB for {chars:,} characters", file=sys.stderr)
     model = loaded.model()
     ids = split_stream(cfg.data, cfg.split)
     t0 = time.time()

@@ -19,7 +19,8 @@ import pyarrow.fs as pafs
 
 from lstmgen.errors import LstmgenError
 
-S3_TIMEOUT_S = 5.0
+S3_TIMEOUT_S = 5.0  # to connect
+S3_SILENCE_S = 6.0  # without a byte, per attempt (two attempts)
 
 
 def is_s3(path: str) -> bool:
@@ -39,7 +40,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     kwargs: dict = dict(
         connect_timeout=S3_TIMEOUT_S,
-        request_timeout=30.0,
+        # On Linux the SDK applies this as "less than 1 byte/s for this long": a transfer that moves
+        # never trips it, an endpoint that accepts and never answers fails in ~2 x this.
+        request_timeout=S3_SILENCE_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
     )
     if endpoint:

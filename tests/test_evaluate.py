@@ -3,8 +3,10 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
+from lstmgen.errors import LstmgenError
 from lstmgen.evaluate import dynamic_bpc, rows_of, stream_bpc
 from lstmgen.model import CharLSTM, ModelConfig
 
@@ -82,3 +84,14 @@ def test_count_model_learns_repeats_and_the_mixture_tracks_the_better_predictor(
     assert mixed.sum() < counts.sum() * 1.1  # the gate learns to trust the counts
     sharp = np.where(np.arange(len(counts)) < 200, 0.5, 4.0)  # an expert right first, then useless
     assert mixture.mixed_bits(sharp)[:199].mean() < counts[:199].mean() - 1
+
+
+def test_the_count_mixture_states_its_memory_need_and_refuses_what_cannot_fit():
+    import psutil
+
+    from lstmgen.evaluate import MIXTURE_BYTES_PER_CHAR, require_mixture_memory
+
+    assert require_mixture_memory(1_000_000) == 1_000_000 * MIXTURE_BYTES_PER_CHAR  # WikiText-2 size: fits
+    too_many = int(psutil.virtual_memory().total / MIXTURE_BYTES_PER_CHAR) + 1  # more than this machine holds
+    with pytest.raises(LstmgenError, match="--mix-counts on .* GiB available"):
+        require_mixture_memory(too_many)

@@ -1,6 +1,7 @@
 """s3:// everywhere, against a real S3 server (SeaweedFS on loopback): prepare -> train -> generate,
 checkpoint copies between local disk and S3, and the errors a user meets with S3."""
 
+import socket
 import time
 
 import pyarrow.fs as pafs
@@ -78,3 +79,13 @@ def test_s3_errors_are_one_line_and_fast(s3, tmp_path):
     dead_endpoint = dict(env, AWS_ENDPOINT_URL="http://127.0.0.1:9")
     one_line_error(run_cli("generate", "--checkpoint", f"s3://{BUCKET}/runs/a", env=dead_endpoint), f"s3://{BUCKET}/runs/a")
     assert time.time() - t0 < 60  # three failures, each in seconds, no endless retry loop
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # an endpoint that accepts connections and never answers
+    try:
+        t0 = time.time()
+        one_line_error(run_cli("checkpoints", "list", f"s3://{BUCKET}/runs/a",
+                               env=dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{silent.getsockname()[1]}")), "Timeout")
+        assert time.time() - t0 < 30
+    finally:
+        silent.close()
