@@ -246,8 +246,7 @@ def generate_job(cfg: GenerateConfig) -> dict:
                 done += table.num_rows
                 bar.update(table.num_rows)
         writer.close()
-        with open(local, "rb") as f:
-            storage.write_bytes(cfg.out, f.read())
+        storage.write_file(cfg.out, local)  # streamed: the driver never holds every row
     seconds = time.time() - t0
     print(f"generate: {done} samples, {chars:,} chars in {seconds:.1f} s ({chars / max(seconds, 1e-9):,.0f} chars/s) -> {cfg.out}")
     return {"samples": done, "chars": chars, "seconds": seconds, "out": cfg.out}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -116,6 +117,23 @@ def write_bytes(path: str, data: bytes) -> None:
         else:
             with fs.open_output_stream(p) as f:
                 f.write(data)
+    except OSError as exc:
+        raise _describe(path, exc) from exc
+
+
+def write_file(path: str, local: str) -> None:
+    """Write a local file to ``path`` in pieces (never whole in memory), as ``write_bytes`` does:
+    locally through a temporary name and a rename, on S3 as one upload."""
+    fs, p = resolve(path)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, p)
+        else:
+            with open(local, "rb") as src, fs.open_output_stream(p) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
     except OSError as exc:
         raise _describe(path, exc) from exc
 
