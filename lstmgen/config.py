@@ -4,7 +4,8 @@ boundaries without pickling code. Validation lives here, next to the fields it c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from lstmgen.errors import LstmgenError
 
@@ -15,6 +16,17 @@ WIKITEXT2_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c61543
 
 
 MAX_SEQ_LEN = 32766  # a window's ``length`` column is int16 and holds up to seq_len + 1
+
+
+def _check(config, checks: list[tuple[bool, str]]) -> None:
+    """Every float field finite (NaN and infinity are no setting), then the job's own checks."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LstmgenError(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
+    for ok, message in checks:
+        if not ok:
+            raise LstmgenError(message)
 
 
 @dataclass
@@ -31,12 +43,11 @@ class PrepareConfig:
     shared_fs: bool = False  # local paths are on a filesystem every node mounts (EFS, NFS)
 
     def __post_init__(self) -> None:
-        if not 2 <= self.seq_len <= MAX_SEQ_LEN:
-            raise LstmgenError(f"--seq-len must be in [2, {MAX_SEQ_LEN}] (got {self.seq_len})")
-        if not 0.0 <= self.valid_fraction < 1.0:
-            raise LstmgenError(f"--valid-fraction must be in [0, 1) (got {self.valid_fraction})")
-        if not self.chunk_mb > 0:
-            raise LstmgenError(f"--chunk-mb must be positive (got {self.chunk_mb})")
+        _check(self, [
+            (2 <= self.seq_len <= MAX_SEQ_LEN, f"--seq-len must be in [2, {MAX_SEQ_LEN}] (got {self.seq_len})"),
+            (0.0 <= self.valid_fraction < 1.0, f"--valid-fraction must be in [0, 1) (got {self.valid_fraction})"),
+            (self.chunk_mb > 0, f"--chunk-mb must be positive (got {self.chunk_mb})"),
+        ])
 
 
 @dataclass
@@ -100,10 +111,10 @@ class TrainConfig:
             (self.max_minutes >= 0, f"--max-minutes must be >= 0 (got {self.max_minutes})"),
             (self.max_failures >= 0, f"--max-failures must be >= 0 (got {self.max_failures})"),
             (self.keep >= 1, f"--keep must be at least 1 (got {self.keep})"),
+            (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
+            (self.val_chars >= 0, f"--val-chars must be >= 0 (got {self.val_chars})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise LstmgenError(message)
+        _check(self, checks)
 
     @property
     def every_checkpoint(self) -> int:
@@ -164,14 +175,13 @@ class SampleConfig:
     until_next_article: bool = False
 
     def __post_init__(self) -> None:
-        if self.length < 1:
-            raise LstmgenError(f"--length must be at least 1 (got {self.length})")
-        if not self.temperature > 0:
-            raise LstmgenError(f"--temperature must be > 0 (got {self.temperature})")
-        if self.top_k < 0:
-            raise LstmgenError(f"--top-k must be 0 (off) or a count of characters (got {self.top_k})")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LstmgenError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        _check(self, [
+            (self.length >= 1, f"--length must be at least 1 (got {self.length})"),
+            (self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})"),
+            (self.top_k >= 0, f"--top-k must be 0 (off) or a count of characters (got {self.top_k})"),
+            (0.0 < self.top_p <= 1.0, f"--top-p must be in (0, 1] (got {self.top_p})"),
+            (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
+        ])
 
 
 @dataclass
@@ -194,12 +204,12 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
             self.sampling = SampleConfig(**self.sampling)
-        if self.num_samples < 1:
-            raise LstmgenError(f"--num-samples must be at least 1 (got {self.num_samples})")
-        if self.batch_size < 1 or self.concurrency < 1:
-            raise LstmgenError("--batch-size and --concurrency must be at least 1")
-        if self.format and self.format not in ("jsonl", "parquet"):
-            raise LstmgenError(f"--format must be jsonl or parquet (got {self.format!r})")
+        _check(self, [
+            (self.num_samples >= 1, f"--num-samples must be at least 1 (got {self.num_samples})"),
+            (self.batch_size >= 1 and self.concurrency >= 1, "--batch-size and --concurrency must be at least 1"),
+            (not self.format or self.format in ("jsonl", "parquet"), f"--format must be jsonl or parquet (got {self.format!r})"),
+            (self.wait_timeout > 0, f"--wait-timeout must be positive (got {self.wait_timeout})"),
+        ])
 
 
 @dataclass
@@ -223,7 +233,5 @@ class EvaluateConfig:
             (self.mix_order >= 0, f"--mix-counts must be 0 (off) or a context order (got {self.mix_order})"),
             (self.mix_lr >= 0, f"--mix-lr must be >= 0 (got {self.mix_lr})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise LstmgenError(message)
+        _check(self, checks)
 

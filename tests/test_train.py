@@ -77,7 +77,18 @@ def test_bf16_training_through_ray_train_and_its_checkpoint_generates_with_eithe
 
 
 @pytest.mark.parametrize("flag, value", [("--log-every", "0"), ("--clip", "-1"), ("--max-failures", "-1"),
-                                         ("--checkpoint-every", "-5"), ("--wait-timeout", "0")])
+                                         ("--checkpoint-every", "-5"), ("--wait-timeout", "0"), ("--lr", "nan"),
+                                         ("--max-minutes", "inf"), ("--seed", "-1"), ("--val-chars", "-1")])
 def test_bad_training_flags_fail_before_anything_starts(tmp_path, flag, value):
     one_line_error(run_cli("train", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"), flag, value), flag)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, flag", [(["prepare", "--out", "d", "--corpus", "c.txt", "--chunk-mb", "inf"], "--chunk-mb"),
+                                        (["prepare", "--out", "d", "--corpus", "c.txt", "--valid-fraction", "nan"], "--valid-fraction"),
+                                        (["generate", "--checkpoint", "r", "--temperature", "nan"], "--temperature"),
+                                        (["generate", "--checkpoint", "r", "--seed", "-3"], "--seed"),
+                                        (["evaluate", "--checkpoint", "r", "--data", "d", "--dynamic-lr", "inf"], "--dynamic-lr")])
+def test_bad_flags_of_the_other_jobs_fail_before_anything_starts(tmp_path, args, flag):
+    one_line_error(run_cli(*args, cwd=tmp_path), flag)
+    assert not any(tmp_path.iterdir())
