@@ -165,6 +165,7 @@ def test_the_token_goes_only_to_a_server_that_identified_itself_as_ray(tmp_path)
     assert impostor.seen and all(auth is None for _, auth in impostor.seen), impostor.seen
 
 
+@pytest.mark.slow  # three 15-second deadlines
 def test_a_job_server_that_stops_answering_ends_the_command_in_one_line(tmp_path):
     stalled = _FakeServer({"/api/version": RAY_VERSION, "/api/authentication_mode": {"authentication_mode": "disabled"}})
     try:
