@@ -43,7 +43,7 @@ from lstmgen.evaluate import dynamic_bpc  # noqa: E402
 from lstmgen.generate import generate_batch  # noqa: E402
 from lstmgen.mixture import Mixture  # noqa: E402
 from lstmgen.sample import derive_seed, sample_next  # noqa: E402
-from lstmgen.windows import split_stream  # noqa: E402
+from lstmgen.windows import split_ids  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PRIMES = ["The ", "In 1990 ", " = History = \n", "He was ", "The album ", "During the war ",
@@ -188,7 +188,7 @@ def main() -> None:
     if not (data / "manifest.json").exists():
         subprocess.run([*cli, "prepare", "--corpus", args.corpus, "--out", str(data)], check=True, capture_output=True)
     vocab = Vocab.from_json((data / "vocab.json").read_text())
-    train_ids, held = split_stream(str(data), "train"), split_stream(str(data), "valid")
+    train_ids, held = split_ids(str(data), "train"), split_ids(str(data), "valid")
     known = {re.sub(r"[^\w]", "", w) for w in vocab.decode(train_ids.tolist()).split()}
     sampling = SampleConfig(length=500, temperature=0.8, seed=0)
     print(f"data: {len(train_ids):,} training chars, {len(held):,} held out, vocabulary {len(vocab)}; "

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lstmgen import checkpoint  # noqa: E402
-from lstmgen.evaluate import dynamic_bpc, stream_bpc  # noqa: E402
-from lstmgen.windows import split_stream  # noqa: E402
+from lstmgen.evaluate import carried_bpc, dynamic_bpc  # noqa: E402
+from lstmgen.windows import split_ids  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -80,9 +80,9 @@ def main() -> None:
 
     loaded = checkpoint.load(str(run))
     model = loaded.model()
-    held = split_stream(str(data), "valid")
-    train_ids = split_stream(str(data), "train")
-    static = stream_bpc(model, held, streams=16)
+    held = split_ids(str(data), "valid")
+    train_ids = split_ids(str(data), "train")
+    static = carried_bpc(model, held, rows=16)
     print(f"\nstatic held-out bpc ({len(held):,} chars, state carried): {static:.4f}  [{loaded.path}]")
 
     if args.dynamic_chars:

@@ -244,12 +244,12 @@ def evaluate(
     checkpoint: str = typer.Option(..., "--checkpoint", help="Run directory (its best checkpoint) or one checkpoint."),
     data: str = typer.Option(..., "--data", help="Directory written by lstmgen prepare."),
     split: str = typer.Option(EvaluateConfig.split, "--split", help="train, valid or test."),
-    streams: int = typer.Option(EvaluateConfig.streams, "--streams", help="Parallel rows the split is cut into."),
+    rows: int = typer.Option(EvaluateConfig.rows, "--rows", "--streams", help="Rows the split is cut into, scored side by side."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic evaluation: a gradient step after scoring each segment."),
     segment: int = typer.Option(EvaluateConfig.segment, "--segment", help="Characters per dynamic-evaluation step."),
     dynamic_lr: float = typer.Option(EvaluateConfig.dynamic_lr, "--dynamic-lr", help="Dynamic-evaluation step size (RMS-normalised)."),
     dynamic_decay: float = typer.Option(EvaluateConfig.dynamic_decay, "--dynamic-decay", help="Pull toward the trained weights per step."),
-    mix_order: int = typer.Option(EvaluateConfig.mix_order, "--mix-counts",
+    mix_counts: int = typer.Option(EvaluateConfig.mix_counts, "--mix-counts",
                                   help="Also mix with an adaptive count model of contexts up to this order (10)."),
     mix_lr: float = typer.Option(EvaluateConfig.mix_lr, "--mix-lr", help="Online step size of the mixture's gate."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -259,9 +259,9 @@ def evaluate(
     _setup(s3_endpoint, ray=False)
     from lstmgen.evaluate import evaluate as run_evaluate
 
-    result = run_evaluate(EvaluateConfig(checkpoint=checkpoint, data=data, split=split, streams=streams, dynamic=dynamic,
+    result = run_evaluate(EvaluateConfig(checkpoint=checkpoint, data=data, split=split, rows=rows, dynamic=dynamic,
                                          segment=segment, dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay,
-                                         mix_order=mix_order, mix_lr=mix_lr))
+                                         mix_counts=mix_counts, mix_lr=mix_lr))
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -269,7 +269,7 @@ def evaluate(
         typer.echo(f"{result['split']}: {result['bpc']:.4f} {kind}bits per character over {result['chars']:,} chars "
                    f"(step {result['step']}, {result['checkpoint']})")
         if "mixture_bpc" in result:
-            typer.echo(f"{result['split']}: {result['count_bpc']:.4f} bpc count model alone (orders 0-{mix_order}), "
+            typer.echo(f"{result['split']}: {result['count_bpc']:.4f} bpc count model alone (orders 0-{mix_counts}), "
                        f"{result['mixture_bpc']:.4f} bpc LSTM + count-model mixture")
 
 

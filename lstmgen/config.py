@@ -117,7 +117,7 @@ class TrainConfig:
         _check(self, checks)
 
     @property
-    def every_checkpoint(self) -> int:
+    def checkpoint_interval(self) -> int:
         return self.checkpoint_every or self.eval_every
 
     @property
@@ -217,20 +217,20 @@ class EvaluateConfig:
     checkpoint: str
     data: str
     split: str = "valid"
-    streams: int = 16
+    rows: int = 16  # the split is cut into this many rows, scored side by side with state carried
     dynamic: bool = False  # dynamic evaluation: adapt to the text as it is scored
     segment: int = 50
     dynamic_lr: float = 3e-4
     dynamic_decay: float = 0.0
-    mix_order: int = 0  # > 0: also mix with an adaptive count model of orders 0..this (lstmgen.mixture)
+    mix_counts: int = 0  # > 0: also mix with an adaptive count model of context orders 0..this (lstmgen.mixture)
     mix_lr: float = 0.4  # the mixture gate's online step size (chosen on the training tail by bench/quality.py)
 
     def __post_init__(self) -> None:
         checks = [
-            (self.streams >= 1, f"--streams must be at least 1 (got {self.streams})"),
+            (self.rows >= 1, f"--rows must be at least 1 (got {self.rows})"),
             (self.segment >= 1, f"--segment must be at least 1 (got {self.segment})"),
             (self.dynamic_lr >= 0 and self.dynamic_decay >= 0, "--dynamic-lr and --dynamic-decay must be >= 0"),
-            (self.mix_order >= 0, f"--mix-counts must be 0 (off) or a context order (got {self.mix_order})"),
+            (self.mix_counts >= 0, f"--mix-counts must be 0 (off) or a context order (got {self.mix_counts})"),
             (self.mix_lr >= 0, f"--mix-lr must be >= 0 (got {self.mix_lr})"),
         ]
         _check(self, checks)

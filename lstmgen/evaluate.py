@@ -1,7 +1,7 @@
 """Held-out bits per character, with the LSTM state carried through the text.
 
-The split is rebuilt as one id stream and cut into ``streams`` contiguous rows that are read in
-parallel, ``chunk`` characters at a time, state carried from chunk to chunk: each character is
+The split is rebuilt as one id sequence and cut into ``rows`` contiguous rows that are read in
+parallel, ``segment`` characters at a time, state carried from segment to segment: each character is
 scored once, with all the context before it in its row (only the first character of each row
 starts cold). Training validation and ``lstmgen evaluate`` both use this function.
 """
@@ -21,14 +21,14 @@ from lstmgen import checkpoint, storage
 from lstmgen.config import EvaluateConfig
 from lstmgen.errors import LstmgenError
 from lstmgen.model import CharLSTM, detach
-from lstmgen.windows import split_stream
+from lstmgen.windows import split_ids
 
 
-def rows_of(ids: np.ndarray, streams: int) -> list[np.ndarray]:
-    """Cut a stream into ``streams`` equal rows overlapping by one id (so every id but the first
+def rows_of(ids: np.ndarray, rows: int) -> list[np.ndarray]:
+    """Cut an id sequence into ``rows`` equal rows overlapping by one id (so every id but the first
     is a target once), plus one short row with what is left over."""
     n_targets = len(ids) - 1
-    rows = max(1, min(streams, n_targets))
+    rows = max(1, min(rows, n_targets))
     per = n_targets // rows
     out = [ids[r * per : (r + 1) * per + 1] for r in range(rows)]
     if rows * per < n_targets:
@@ -37,7 +37,7 @@ def rows_of(ids: np.ndarray, streams: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def stream_bits(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int = 256, device: str = "cpu",
+def carried_bits(model: CharLSTM, ids: np.ndarray, rows: int = 16, segment: int = 256, device: str = "cpu",
                 part: tuple[int, int] = (0, 1)) -> tuple[float, int]:
     """(total bits, characters scored) over this ``part`` = (index, parts) of the rows, so that
     several training workers can share one validation pass."""
@@ -46,15 +46,15 @@ def stream_bits(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int 
     was_training = model.training
     model.eval()
     total_bits, total = 0.0, 0
-    rows = rows_of(ids, streams)
+    rows = rows_of(ids, rows)
     groups = [rows[:-1], rows[-1:]] if len(rows) > 1 and len(rows[-1]) != len(rows[0]) else [rows]
     groups = [g[part[0] :: part[1]] for g in groups]
     for group in (g for g in groups if g):
         block = torch.from_numpy(np.stack(group)).to(device)
         state = None
-        for t in range(0, block.shape[1] - 1, chunk):
-            x = block[:, t : t + chunk]
-            y = block[:, t + 1 : t + chunk + 1]
+        for t in range(0, block.shape[1] - 1, segment):
+            x = block[:, t : t + segment]
+            y = block[:, t + 1 : t + segment + 1]
             x = x[:, : y.shape[1]]
             logits, state = model(x, state)
             state = detach(state)
@@ -65,8 +65,8 @@ def stream_bits(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int 
     return total_bits, total
 
 
-def stream_bpc(model: CharLSTM, ids: np.ndarray, streams: int = 16, chunk: int = 256, device: str = "cpu") -> float:
-    bits, n = stream_bits(model, ids, streams, chunk, device)
+def carried_bpc(model: CharLSTM, ids: np.ndarray, rows: int = 16, segment: int = 256, device: str = "cpu") -> float:
+    bits, n = carried_bits(model, ids, rows, segment, device)
     return bits / n
 
 
@@ -142,26 +142,26 @@ def require_mixture_memory(chars: int, available: int | None = None) -> int:
 def evaluate(cfg: EvaluateConfig) -> dict:
     loaded = checkpoint.load(cfg.checkpoint)
     checkpoint.check_vocab(loaded, cfg.data)
-    if cfg.mix_order:
+    if cfg.mix_counts:
         splits = json.loads(storage.read_text(storage.join(cfg.data, "manifest.json")))["splits"]
         chars = splits.get("train", {}).get("chars", 0) + splits.get(cfg.split, {}).get("chars", 0)
         need = require_mixture_memory(chars)
         print(f"evaluate: the count model needs ~{need / 2**30:.2f} GiB for {chars:,} characters", file=sys.stderr)
     model = loaded.model()
-    ids = split_stream(cfg.data, cfg.split)
+    ids = split_ids(cfg.data, cfg.split)
     t0 = time.time()
     extra: dict = {}
-    if cfg.mix_order:
+    if cfg.mix_counts:
         from lstmgen.mixture import Mixture
 
         lr = cfg.dynamic_lr if cfg.dynamic else 0.0
         bpc, lstm_bits = dynamic_bpc(model, ids, segment=cfg.segment, lr=lr, decay=cfg.dynamic_decay, per_char=True)
-        mixture = Mixture(split_stream(cfg.data, "train"), ids, len(loaded.vocab), cfg.mix_order)
+        mixture = Mixture(split_ids(cfg.data, "train"), ids, len(loaded.vocab), cfg.mix_counts)
         extra = {"count_bpc": float(mixture.count_bits(cfg.mix_lr).mean()),
                  "mixture_bpc": float(mixture.mixed_bits(lstm_bits, cfg.mix_lr).mean())}
     elif cfg.dynamic:
         bpc = dynamic_bpc(model, ids, segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay, progress=True)
     else:
-        bpc = stream_bpc(model, ids, streams=cfg.streams)
+        bpc = carried_bpc(model, ids, rows=cfg.rows)
     return {"checkpoint": loaded.path, "split": cfg.split, "chars": int(len(ids)), "bpc": bpc, "dynamic": cfg.dynamic,
             "step": loaded.meta.get("step"), "seconds": round(time.time() - t0, 2), **extra}

@@ -66,29 +66,29 @@ def prepare(cfg: PrepareConfig) -> dict:
         char0[(r["file"], r["start"])] = file_chars[r["file"]]
         file_chars[r["file"]] += r["chars"]
 
-    # Streams: char ranges of files that make up each split.
-    streams: dict[str, list[tuple[int, int, int]]] = {}  # split -> [(file, c0, c1)]
+    # Character ranges of the files that make up each split.
+    split_ranges: dict[str, list[tuple[int, int, int]]] = {}  # split -> [(file, c0, c1)]
     for i, f in enumerate(files):
-        streams.setdefault(split_of[f], []).append((i, 0, file_chars[i]))
+        split_ranges.setdefault(split_of[f], []).append((i, 0, file_chars[i]))
     if "valid" not in splits and cfg.valid_fraction > 0:
-        total = sum(file_chars[i] for i, _, _ in streams["train"])
+        total = sum(file_chars[i] for i, _, _ in split_ranges["train"])
         cut = total - int(total * cfg.valid_fraction)
         train, valid, seen = [], [], 0
-        for i, c0, c1 in streams["train"]:
+        for i, c0, c1 in split_ranges["train"]:
             k = min(max(cut - seen, 0), c1 - c0)
             if k > 0:
                 train.append((i, c0, c0 + k))
             if c1 - c0 - k > 0:
                 valid.append((i, c0 + k, c1))
             seen += c1 - c0
-        streams["train"], streams["valid"] = train, valid
+        split_ranges["train"], split_ranges["valid"] = train, valid
 
-    train_chars = sum(c1 - c0 for _, c0, c1 in streams["train"])
+    train_chars = sum(c1 - c0 for _, c0, c1 in split_ranges["train"])
     if train_chars < 2:
         raise LstmgenError(f"{', '.join(sources)}: corpus is empty (need at least 2 characters of training text)")
 
     # Vocabulary: characters of the training split only.
-    train_counts = _count_in_ranges(counted, chunks, streams["train"], char0)
+    train_counts = _count_in_ranges(counted, chunks, split_ranges["train"], char0)
     vocab = Vocab.from_codepoints(train_counts)
     if len(vocab) > MAX_VOCAB:
         raise LstmgenError(f"{', '.join(sources)}: {len(vocab):,} distinct characters in the training text; "
@@ -105,7 +105,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     }
     # Pass 2: encode and window, one Parquet directory per split.
     fs, root = storage.resolve(staging)
-    for split, ranges in streams.items():
+    for split, ranges in split_ranges.items():
         tasks, n_windows = _window_tasks(counted, chunks, ranges, char0, cfg.seq_len)
         target = f"{root}/{split}"
         fs.delete_dir_contents(target, missing_dir_ok=True)
@@ -166,17 +166,17 @@ def _count_in_ranges(counted: list[dict], chunks, ranges, char0: dict) -> Counte
 
 def _window_tasks(counted, chunks, ranges, char0, seq_len) -> tuple[list[dict], int]:
     """One task per chunk that holds the first character of at least one window of the split."""
-    n_windows, streams = 0, []
+    n_windows, indexed = 0, []
     for f, s0, s1 in ranges:
-        streams.append((f, s0, s1, n_windows))
+        indexed.append((f, s0, s1, n_windows))
         n_windows += count_windows(s1 - s0, seq_len)
     tasks = []
     by_key = {(c.file, c.start): c for c in chunks}
     for r in counted:
         c0 = char0[(r["file"], r["start"])]
         c1 = c0 + r["chars"]
-        mine = [(s0, s1, w0) for f, s0, s1, w0 in streams if f == r["file"] and s0 < c1 and c0 < s1 - 1]
+        mine = [(s0, s1, w0) for f, s0, s1, w0 in indexed if f == r["file"] and s0 < c1 and c0 < s1 - 1]
         if mine:
-            task = {"chunk": asdict(by_key[(r["file"], r["start"])]), "char0": c0, "streams": mine}
+            task = {"chunk": asdict(by_key[(r["file"], r["start"])]), "char0": c0, "ranges": mine}
             tasks.append({"task": json.dumps(task)})
     return tasks, n_windows

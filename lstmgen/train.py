@@ -32,9 +32,9 @@ from lstmgen import capacity, checkpoint, lease, storage
 from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
-from lstmgen.evaluate import stream_bits
+from lstmgen.evaluate import carried_bits
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, detach
-from lstmgen.windows import collate, split_stream, table_stream
+from lstmgen.windows import collate, split_ids, table_ids
 
 MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
 RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "precision", "max_failures", "eval_every", "log_every", "keep",
@@ -232,7 +232,7 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
 
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the windows
-    valid = split_stream(cfg.data, "valid", cfg.val_chars) if config["has_valid"] else None
+    valid = split_ids(cfg.data, "valid", cfg.val_chars) if config["has_valid"] else None
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # see model.py, "Precision"
     budget, t_start = cfg.max_minutes * 60, time.time()
@@ -258,7 +258,7 @@ def train_loop(config: dict) -> None:
                "lr": lr, "chars_per_s": window.chars_per_s(), "elapsed_s": run.elapsed + time.time() - t_start,
                "resumed_from": run.resumed_from, "workers": world}
         if valid is not None:
-            part = torch.tensor(stream_bits(raw, valid, device=str(device), part=(rank, world)),
+            part = torch.tensor(carried_bits(raw, valid, device=str(device), part=(rank, world)),
                                 dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(part)
@@ -307,7 +307,7 @@ def train_loop(config: dict) -> None:
                 print(f"step {run.step:6d} | {100 * progress:5.1f}% | train {window.bpc():.3f} bpc"
                       f" | lr {lr:.2e} | {window.chars_per_s() / 1e3:.1f}k chars/s", flush=True)
             # eval and checkpoint
-            save = run.step % cfg.every_checkpoint == 0 or done
+            save = run.step % cfg.checkpoint_interval == 0 or done
             if run.step % cfg.eval_every == 0 or save:
                 evaluate_and_report(lr, save)
                 saved_step = run.step if save else saved_step
@@ -367,14 +367,14 @@ def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generato
     tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
     if not tables:
         return
-    ids = table_stream(pa.concat_tables(tables).sort_by("index"))
+    ids = table_ids(pa.concat_tables(tables).sort_by("index"))
     ids = torch.from_numpy(ids[int(rng.integers(0, seq_len)) :])
     per_stream = (len(ids) - 1) // cfg.batch_size
     if per_stream < seq_len:
         return
-    streams = ids[: cfg.batch_size * per_stream + 1]
-    x_all = streams[:-1].view(cfg.batch_size, per_stream)
-    y_all = streams[1:].view(cfg.batch_size, per_stream)
+    used = ids[: cfg.batch_size * per_stream + 1]
+    x_all = used[:-1].view(cfg.batch_size, per_stream)
+    y_all = used[1:].view(cfg.batch_size, per_stream)
     for t in range(0, per_stream - seq_len + 1, seq_len):
         yield x_all[:, t : t + seq_len], y_all[:, t : t + seq_len]
 

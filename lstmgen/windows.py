@@ -63,15 +63,15 @@ def encode_chunk(task: dict, tokens: list[str], seq_len: int) -> pa.Table:
     """Pass 2 of prepare: the windows whose first character lies in this chunk.
 
     ``task`` holds the chunk, its first character's offset in the file (``char0``), and the
-    streams (char ranges of the file that form a split) it overlaps, each with the index of its
-    first window in the split."""
+    ranges (characters of the file that belong to the split) it overlaps, each with the index of
+    its first window in the split."""
     vocab = Vocab(tokens)
     chunk = Chunk(**task["chunk"])
     text, tail = read_chunk(chunk, extra_chars=seq_len + 1)
     ids = vocab.encode_array(codepoints(text + tail))
     c0, c1 = task["char0"], task["char0"] + len(text)
     tables = []
-    for s0, s1, first_index in task["streams"]:  # stream = chars [s0, s1) of the file
+    for s0, s1, first_index in task["ranges"]:  # chars [s0, s1) of the file
         lo = max(c0, s0)
         k0 = -(-(lo - s0) // seq_len)  # first window starting at or after lo
         starts = s0 + seq_len * np.arange(k0, count_windows(s1 - s0, seq_len), dtype=np.int64)
@@ -116,7 +116,7 @@ def read_split(data: str, split: str) -> pa.Table:
     return table.sort_by("index")
 
 
-def table_stream(table: pa.Table) -> np.ndarray:
+def table_ids(table: pa.Table) -> np.ndarray:
     """Undo the windowing of windows given in order: one contiguous id stream (consecutive windows
     overlap by one id; ``length`` drops the padding of a short last window)."""
     if table.num_rows == 0:
@@ -128,10 +128,10 @@ def table_stream(table: pa.Table) -> np.ndarray:
     return np.concatenate(pieces).astype(np.int64)
 
 
-def split_stream(data: str, split: str, max_chars: int = 0) -> np.ndarray:
+def split_ids(data: str, split: str, max_chars: int = 0) -> np.ndarray:
     """A split's ids as one contiguous stream (for evaluation with the LSTM state carried across
     windows). Streams of several files are joined."""
     table = read_split(data, split)
     if max_chars:
         table = table.slice(0, max(1, -(-max_chars // max(1, table.column("ids").type.list_size - 1))))
-    return table_stream(table)
+    return table_ids(table)

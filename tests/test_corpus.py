@@ -19,7 +19,7 @@ from lstmgen.config import PrepareConfig
 from lstmgen.corpus import UNK, Vocab, fetch_wikitext
 from lstmgen.errors import LstmgenError
 from lstmgen.prepare import prepare
-from lstmgen.windows import collate, read_split, split_stream
+from lstmgen.windows import collate, read_split, split_ids
 
 from .conftest import run_cli, wiki_text
 
@@ -47,7 +47,7 @@ def test_windows_cover_every_character_exactly_once(ray_local, tmp_path, seq_len
     text = wiki_text(20_000) + "ünïcödé ✓ 😀 end\n" * 20
     out, manifest = _prepare(tmp_path, text, seq_len=seq_len, chunk_mb=chunk_mb, valid_fraction=0.2)
     vocab = Vocab.from_json((out / "vocab.json").read_text())
-    train, valid = split_stream(str(out), "train"), split_stream(str(out), "valid")
+    train, valid = split_ids(str(out), "train"), split_ids(str(out), "valid")
     cut = len(text) - int(len(text) * 0.2)
     assert vocab.decode(train) == text[:cut]
     expected_valid = "".join(c if c in vocab.index else "\ufffd" for c in text[cut:])

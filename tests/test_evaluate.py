@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lstmgen.errors import LstmgenError
-from lstmgen.evaluate import dynamic_bpc, rows_of, stream_bpc
+from lstmgen.evaluate import carried_bpc, dynamic_bpc, rows_of
 from lstmgen.model import CharLSTM, ModelConfig
 
 
@@ -23,13 +23,13 @@ def test_rows_score_every_target_once():
     assert np.array_equal(np.concatenate([rows[0]] + [r[1:] for r in rows[1:]]), ids)
 
 
-def test_stream_bpc_matches_a_direct_computation():
+def test_carried_bpc_matches_a_direct_computation():
     model = _model().eval()
     ids = np.random.default_rng(0).integers(0, 20, 400)
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(ids[:-1])[None])
         direct = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(ids[1:])).item() / math.log(2)
-    assert abs(stream_bpc(model, ids, streams=1, chunk=37) - direct) < 1e-5
+    assert abs(carried_bpc(model, ids, rows=1, segment=37) - direct) < 1e-5
 
 
 def test_dynamic_evaluation_adapts_and_restores_the_weights():
@@ -37,7 +37,7 @@ def test_dynamic_evaluation_adapts_and_restores_the_weights():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     pattern = np.random.default_rng(1).integers(0, 20, 60)
     ids = np.tile(pattern, 40)  # text that repeats: a model that adapts must gain
-    static = stream_bpc(model, ids, streams=1)
+    static = carried_bpc(model, ids, rows=1)
     dynamic = dynamic_bpc(model, ids, segment=50, lr=3e-3)
     assert dynamic < static - 0.5, (dynamic, static)
     for n, p in model.named_parameters():
