@@ -68,7 +68,7 @@ class TrainConfig:
     dropout: float = 0.1  # locked dropout between layers and before the head
     embed_dropout: float = 0.1  # locked dropout on the embeddings
     # optimisation; batch_size is per worker, in windows of seq_len characters
-    batch_size: int = 32
+    batch_size: int = 8  # 10-minute runs on 2 cores: more, smaller steps win (docs/results.md)
     carry_state: bool = True  # TBPTT over contiguous streams; False: shuffled windows from zero state
     lr: float = 4e-3
     weight_decay: float = 0.01
@@ -134,10 +134,10 @@ def parse_workers(text: str) -> tuple[int, int]:
         raise LstmgenError(f"--workers takes N or MIN-MAX, like 2 or 2-8 (got {text!r})") from None
 
 
-# Named recipes. Explicit flags override them. Figures in README "Results".
+# Named recipes. Explicit flags override them. Figures in docs/results.md.
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden=128, embed=32, batch_size=16, max_steps=200, max_minutes=0.0, eval_every=50, warmup_steps=20),
-    "cpu-10min": dict(hidden=256, layers=1, embed=64, batch_size=32, lr=4e-3, max_minutes=10.0, max_steps=100000),
+    "cpu-10min": dict(hidden=256, layers=1, embed=64, batch_size=8, lr=4e-3, max_minutes=10.0, max_steps=100000),
     "best": dict(hidden=512, layers=2, embed=128, dropout=0.2, embed_dropout=0.1, batch_size=32, lr=3e-3, weight_decay=0.1,
                  max_minutes=60.0, max_steps=1000000, eval_every=500),
 }
