@@ -79,7 +79,7 @@ def start(workdir: Path, ports: tuple[int, int, int, int] | None = None) -> S3Se
     process = subprocess.Popen(
         [weed, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
          f"-s3.port={s3_port}", f"-s3.config={config}", f"-master.port={master}", f"-volume.port={volume}",
-         f"-filer.port={filer}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=20"],
+         f"-filer.port={filer}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=200"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (workdir / "data").mkdir(exist_ok=True)
     server = S3Server(f"http://127.0.0.1:{s3_port}", process, workdir, (s3_port, master, volume, filer))
