@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from lstmgen import checkpoint
+
 from .conftest import one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # trains, or starts an S3 server or a Ray cluster
@@ -57,12 +59,15 @@ def test_resume_after_the_driver_is_killed(data, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
         proc.wait()
+    time.sleep(5)  # whatever of the killed run outlived its driver has ended by now
     newest = max(int(p.parent.name.split("_")[1]) for p in run.glob("checkpoint_0*/meta.json"))
+    intact = checkpoint.latest_intact(str(run))
     r = run_cli("train", "--data", str(data), "--run", str(run), "--resume", "--max-steps", str(newest + 40))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = _rows(run)
-    # Ray Train registers a checkpoint once its snapshot records it: at most one interval is lost.
-    assert rows[-1]["step"] == newest + 40 and rows[-1]["resumed_from"] in (newest - 20, newest)
+    # Resumed from the newest intact checkpoint (Ray Train's own record may lag): at most one interval lost.
+    assert rows[-1]["step"] == newest + 40, (newest, intact.step, rows[-3:])
+    assert rows[-1]["resumed_from"] == intact.step >= newest - 20, (newest, intact.step, rows[-3:])
     assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})  # no duplicated history
 
 
