@@ -79,6 +79,25 @@ def _submit_timed_run(env: dict, run: str, workers: str, minutes: str) -> str:
     return r.stdout.strip().splitlines()[0]
 
 
+def _while_running(cluster, s3, job_id: str, predicate, timeout: float, what: str):
+    """Wait for ``predicate`` while the job runs; if the job ends first or the time runs out, fail
+    with what explains it: the job's status and log, the worker nodes, the autoscaler's log."""
+    deadline, checked = time.time() + timeout, time.time()
+    while not (value := predicate()):
+        status = ""
+        if time.time() - checked > 10 or time.time() > deadline:  # the CLI costs a core for a second
+            status, checked = _job_status(cluster, s3, job_id), time.time()
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.time() > deadline:
+            logs = run_cli("jobs", "logs", job_id, env=_env(cluster, s3)).stdout
+            monitor = sorted(Path(cluster.temp_dir).glob("session_latest/logs/monitor.log"))
+            autoscaler = monitor[0].read_text(errors="replace")[-3000:] if monitor else "(no monitor.log)"
+            pytest.fail(f"no {what} after {timeout - (deadline - time.time()):.0f} s; job {status or '?'}; "
+                        f"worker nodes {cluster.nodes()}\n--- job log ---\n{logs[-5000:]}\n"
+                        f"--- autoscaler ---\n{autoscaler}")
+        time.sleep(0.5)
+    return value
+
+
 def _logs_once_succeeded(cluster, s3, job_id: str) -> str:
     env = _env(cluster, s3)
     _wait(lambda: _job_status(cluster, s3, job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 480, "the job to end", every=3)
@@ -102,7 +121,7 @@ def test_train_scales_from_zero_onto_two_nodes_and_back(cluster, s3):
 def test_a_lost_node_costs_at_most_one_checkpoint_interval(cluster, s3):
     env, run = _env(cluster, s3), "runs/lost"
     job_id = _submit_timed_run(env, run, "2", "1")
-    _wait(lambda: len(_checkpoints(s3, run)) >= 2, 300, "two checkpoints", every=0.5)
+    _while_running(cluster, s3, job_id, lambda: len(_checkpoints(s3, run)) >= 2, 420, "two checkpoints")
     nodes = _worker_nodes(run_cli("jobs", "logs", job_id, env=env).stdout)
     # The newest one on S3 may not be registered with Ray Train yet; the one before it is.
     registered = _checkpoints(s3, run)[-2]
@@ -123,7 +142,7 @@ def test_resume_after_the_driver_is_killed_on_the_cluster(cluster, s3):
     args = ["--data", DATA, "--run", f"s3://{BUCKET}/{run}", "--gpu", "--workers", "2"]
     r = run_cli("submit", "train", *args, "--max-steps", "100000", "--hidden", "32", "--eval-every", "20", env=env)
     job_id = r.stdout.strip().splitlines()[0]
-    _wait(lambda: 60 in _checkpoints(s3, run), 300, "a checkpoint", every=0.5)
+    _while_running(cluster, s3, job_id, lambda: 60 in _checkpoints(s3, run), 420, "checkpoint 60")
     drivers = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("python")
                and "jobs/train.py" in p.info["cmdline"] and f"s3://{BUCKET}/{run}" in p.info["cmdline"]]
     assert len(drivers) == 1
@@ -159,8 +178,8 @@ def test_embedded_gpu_request_without_a_gpu_fails_at_once(tmp_path, wiki_slice):
 def test_elastic_workers_grow_as_nodes_join_and_survive_a_lost_node(cluster, s3):
     env, run = _env(cluster, s3), "runs/elastic"
     job_id = _submit_timed_run(env, run, "1-2", "2.5")
-    _wait(lambda: any(row["workers"] == 2 for row in _metrics(s3, run)) if _checkpoints(s3, run) else False,
-          300, "two workers", every=1)
+    _while_running(cluster, s3, job_id, lambda: _checkpoints(s3, run) and any(row["workers"] == 2 for row in _metrics(s3, run)),
+                   420, "metrics from two workers")
     nodes = _worker_nodes(run_cli("jobs", "logs", job_id, env=env).stdout)
     assert cluster.kill_node(nodes[1]) > 0
     _logs_once_succeeded(cluster, s3, job_id)
