@@ -1,8 +1,10 @@
-"""Training throughput on this CPU: the explicit cell against torch.nn.LSTM (cell="fused") on the
-same weights, in one process, interleaved rounds (the machine is noisy: compare ratios, not
-absolute figures). Prints a table and a final ratio line per hidden size.
+"""Training throughput on this CPU: the explicit cell in fp32 and under bf16 autocast
+(`--precision bf16`) against torch.nn.LSTM (cell="fused", fp32) on the same weights, in one
+process, interleaved rounds (the machine is noisy: compare ratios, not absolute figures). Prints
+a table and the ratios per size. bf16 pays where the CPU has bf16 matrix instructions (AMX,
+AVX-512 BF16: `grep -o 'amx_bf16\|avx512_bf16' /proc/cpuinfo`).
 
-    python bench/train_speed.py [--threads 2] [--rounds 5]
+    python bench/train_speed.py [--threads 2] [--rounds 5] [--batch 32] [--sizes 256x1,512x1,512x2]
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char  # noqa: E402
 
 
-def chars_per_s(model, opt, x, y, steps: int) -> float:
+def chars_per_s(model, opt, x, y, steps: int, bf16: bool) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits, _ = model(x)
-        loss = bits_per_char(logits, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = model(x)
+        loss = bits_per_char(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -37,29 +40,32 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--sizes", default="256x1,512x1,512x2", help="HIDDENxLAYERS,...")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    variants = {"explicit fp32": ("explicit", False), "explicit bf16": ("explicit", True), "fused fp32": ("fused", False)}
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seq} chars, vocab 260")
-    print(f"{'hidden':>6} {'layers':>6} | {'explicit chars/s':>16} {'fused chars/s':>14} {'explicit/fused':>14}")
-    summary = []
-    for hidden, layers, steps in ((256, 1, 12), (512, 1, 6), (512, 2, 4)):
+    print(f"{'hidden':>6} {'layers':>6} | " + " ".join(f"{name + ' chars/s':>20}" for name in variants)
+          + " | explicit fp32/fused  bf16/fp32")
+    for size in args.sizes.split(","):
+        hidden, layers = (int(v) for v in size.split("x"))
+        steps = max(2, 3 * 256 * 32 // (hidden * layers * args.batch))
         torch.manual_seed(0)
         model = CharLSTM(ModelConfig(vocab_size=260, embed=64, hidden=hidden, layers=layers, dropout=0.1, embed_dropout=0.1))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randint(0, 260, (args.batch, args.seq))
         y = torch.randint(0, 260, (args.batch, args.seq))
-        rates: dict[str, list[float]] = {"explicit": [], "fused": []}
+        rates: dict[str, list[float]] = {name: [] for name in variants}
         for r in range(args.rounds + 1):
-            for cell in ("explicit", "fused") if r % 2 == 0 else ("fused", "explicit"):
-                model.rnn.cell = cell
-                rate = chars_per_s(model, opt, x, y, steps)
+            for name in list(variants) if r % 2 == 0 else list(variants)[::-1]:
+                model.rnn.cell, bf16 = variants[name]
+                rate = chars_per_s(model, opt, x, y, steps, bf16)
                 if r:  # round 0 warms up
-                    rates[cell].append(rate)
-        e, f = float(np.median(rates["explicit"])), float(np.median(rates["fused"]))
-        summary.append((hidden, layers, e / f))
-        print(f"{hidden:6d} {layers:6d} | {e:16,.0f} {f:14,.0f} {e / f:14.2f}", flush=True)
-    for hidden, layers, ratio in summary:
-        print(f"ratio explicit/fused hidden {hidden} x {layers}: {ratio:.2f} (target >= 0.90)")
+                    rates[name].append(rate)
+        median = {name: float(np.median(v)) for name, v in rates.items()}
+        print(f"{hidden:6d} {layers:6d} | " + " ".join(f"{median[name]:20,.0f}" for name in variants)
+              + f" | {median['explicit fp32'] / median['fused fp32']:19.2f} {median['explicit bf16'] / median['explicit fp32']:10.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

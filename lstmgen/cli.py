@@ -121,7 +121,8 @@ def train(
     shared_fs: Optional[bool] = typer.Option(None, "--shared-fs", help=SHARED_FS.help),
     cell: Optional[str] = typer.Option(None, "--cell", help="explicit (gates in Python) or fused (nn.LSTM/cuDNN). " + D("cell")),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (mixed precision: bf16 matmuls, "
-                                            "fp32 weights and states). \\[default: bf16 on a GPU, fp32 on a CPU]"),
+                                            "fp32 weights and states). \\[default: bf16 on a GPU or on a CPU with bf16 "
+                                            "instructions (AMX, AVX-512 BF16), else fp32]"),
     embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size. " + D("embed")),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="LSTM hidden size. " + D("hidden")),
     layers: Optional[int] = typer.Option(None, "--layers", help="LSTM layers. " + D("layers")),

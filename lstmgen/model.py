@@ -58,8 +58,10 @@ class StepMatmul:
 
     On a CPU with oneDNN the weight is reordered once into oneDNN's blocked layout (as
     nn.LSTM's own CPU kernel does) and each step runs oneDNN's linear with the add fused in:
-    about 1.6x faster than ``torch.addmm`` at batch 32, hidden 256-512 on this project's CPUs
-    (bench/train_speed.py). Elsewhere (GPU, bf16, builds without oneDNN) it is ``torch.addmm``.
+    about 1.6x faster than ``torch.addmm`` at batch 32, hidden 256-512 on an AMD EPYC
+    (bench/train_speed.py). A bf16 weight takes the same path where the CPU has bf16
+    instructions (AVX-512 BF16, AMX: 2-3x faster than fp32 on a Xeon with AMX). Elsewhere (GPU,
+    builds without oneDNN) it is ``torch.addmm``.
 
     The product runs in the weight's dtype (the compute dtype, see "Precision" in LSTM) and the
     result has ``add``'s dtype, so an fp32 state or gradient can be added to a bf16 product.
@@ -68,21 +70,40 @@ class StepMatmul:
     def __init__(self, weight: Tensor):
         self.weight_t = weight.t()
         self.packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear():
+        if weight.device.type == "cpu" and _onednn_linear(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
     def __call__(self, x: Tensor, add: Tensor) -> Tensor:
-        if self.packed is not None and x.dtype == add.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, None, "add")
         w = self.weight_t
+        if self.packed is not None:
+            x = x.to(w.dtype)
+            if add.dtype == w.dtype:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, None, "add")
+            return add + torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         if add.dtype == w.dtype:
             return torch.addmm(add, x.to(w.dtype), w)
         return add + torch.mm(x.to(w.dtype), w).to(add.dtype)
 
 
-def _onednn_linear() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
-        and os.environ.get("LSTMGEN_ONEDNN", "1") != "0"
+def _onednn_linear(dtype: torch.dtype) -> bool:
+    """oneDNN's linear for fp32 weights, and for bf16 ones where the CPU has bf16 instructions."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and os.environ.get("LSTMGEN_ONEDNN", "1") != "0"):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_bf16())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX, e.g. Xeon
+    Sapphire Rapids and later, AMD Zen 4 and later). Elsewhere bf16 is emulated and slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (cpuinfo)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def default_precision(device: torch.device) -> str:
+    """``--precision`` when not given: bf16 mixed precision on a GPU and on a CPU with bf16
+    instructions (more steps per minute: docs/results.md, "bf16 on a CPU"), else fp32."""
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
 
 
 def lstm_cell(xw: Tensor, h: Tensor, c: Tensor, w_hh: StepMatmul) -> tuple[Tensor, Tensor]:

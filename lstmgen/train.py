@@ -33,7 +33,7 @@ from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
 from lstmgen.evaluate import carried_bits
-from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, detach
+from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, default_precision, detach
 from lstmgen.windows import collate, split_ids, table_ids
 
 MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
@@ -233,8 +233,10 @@ def train_loop(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the windows
     valid = split_ids(cfg.data, "valid", cfg.val_chars) if config["has_valid"] else None
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = cfg.precision or default_precision(device)  # decided here: each node's own hardware
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # see model.py, "Precision"
+    if rank == 0:
+        print(f"train: {precision} on {device.type}" + ("" if cfg.precision else " (--precision: the default here)"))
     budget, t_start = cfg.max_minutes * 60, time.time()
     window, saved_step = Window(), run.step  # the loss since the last metrics row; the newest checkpoint's step
 

@@ -91,12 +91,15 @@ def _run_bf16(model, ids, targets, cell: str):
     return logits.detach().float(), [p.grad.clone() for p in model.parameters()], state
 
 
-def test_explicit_trains_under_bf16_autocast_like_fused():
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_explicit_trains_under_bf16_autocast_like_fused(monkeypatch, onednn):
     """Under bf16 autocast every matmul rounds its inputs to 8 significant bits (relative error
     2^-9 each); over 17 recurrent steps such errors add up to a few per cent of the values, in
     either cell. So both are held to 5 % of the fp32 result's scale (outputs: max error over the
     largest logit; gradients: error norm over the fp32 gradient's norm), and the explicit cell's
-    recurrent state, which it keeps in fp32, must come out fp32."""
+    recurrent state, which it keeps in fp32, must come out fp32. The per-step matmul is oneDNN's
+    on a bf16 weight where the CPU has bf16 instructions, else addmm; both are held to this."""
+    monkeypatch.setenv("LSTMGEN_ONEDNN", onednn)
     torch.manual_seed(1)
     model = CharLSTM(ModelConfig(vocab_size=40, embed=16, hidden=32, layers=2, dropout=0.0, embed_dropout=0.0))
     ids, targets = torch.randint(0, 40, (6, 17)), torch.randint(0, 40, (6, 17))
