@@ -204,7 +204,7 @@ def main() -> None:
         mixed = Mixture(train_ids, held, len(vocab), order=10).mixed_bits(bits, 0.4).mean()
         results["transformer"] = {"params": sum(p.numel() for p in gpt.parameters()), "steps": steps, "curve": curve,
                                   "bpc": float(bits.mean()), "mixed": float(mixed), "words": word_share(texts, known),
-                                  "sample": texts[0]}
+                                  "samples": texts}
 
     if not args.skip_lstm:
         print("\nLSTM (lstmgen train, its defaults):")
@@ -222,11 +222,16 @@ def main() -> None:
         loaded = checkpoint.load(str(run))
         model = loaded.model()
         _, per_char = dynamic_bpc(model, held, lr=0.0, per_char=True)  # state carried, as evaluate --mix-counts
+        texts = [r["text"] for r in generate_batch(model, vocab, PRIMES, [derive_seed(0, i) for i in range(len(PRIMES))], sampling)]
         results["LSTM"] = {"params": sum(p.numel() for p in model.parameters()), "steps": rows[-1]["step"],
                            "bpc": float(per_char.mean()),
                            "mixed": float(Mixture(train_ids, held, len(vocab), order=10).mixed_bits(per_char, 0.4).mean()),
-                           "words": word_share([r["text"] for r in generate_batch(
-                               model, vocab, PRIMES, [derive_seed(0, i) for i in range(len(PRIMES))], sampling)], known)}
+                           "words": word_share(texts, known), "samples": texts}
+
+    for name, r in results.items():  # every sample to a file, the first one here
+        path = Path(args.workdir) / f"samples-{name.lower()}.txt"
+        path.write_text("".join(f"--- prime {p!r}\n{p}{t}\n\n" for p, t in zip(PRIMES, r["samples"])))
+        print(f"\n{name}, sample 1 of {len(r['samples'])} (all in {path}):\n{PRIMES[0]}{r['samples'][0]}")
 
     print(f"\n{'model':12} {'params':>9} {'steps':>7} {'held-out bpc':>12} {'+ count model':>13} {'known words':>11}")
     for name, r in results.items():

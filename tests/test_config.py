@@ -60,7 +60,8 @@ def test_the_help_shows_the_dataclass_defaults():
 def test_the_readme_states_the_same_defaults():
     text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     d = TrainConfig(data="d", run="r")
-    for phrase in (f"{d.layers} x {d.hidden} explicit LSTM", f"embedding {d.embed}", f"dropout {d.dropout}",
+    for phrase in (f"{d.layers} x {d.hidden} explicit LSTM", f"embedding {d.embed}",
+                   f"dropout {d.dropout} before the head ({d.embed_dropout} on the embeddings)",
                    f"{d.workers} workers x batch {d.batch_size}", f"lr {d.lr:.0e}".replace("e-0", "e-"),
                    f"weight decay {d.weight_decay}", f"{d.warmup_steps} warmup steps", f"clip {d.clip}",
                    f"every {d.eval_every} steps", f"--max-minutes {d.max_minutes:g}", f"--max-steps {d.max_steps}"):
