@@ -102,7 +102,7 @@ def cpu_has_bf16() -> bool:
 
 def default_precision(device: torch.device) -> str:
     """``--precision`` when not given: bf16 mixed precision on a GPU and on a CPU with bf16
-    instructions (more steps per minute: docs/results.md, "bf16 on a CPU"), else fp32."""
+    instructions (more steps per minute: docs/results.md, "bf16 and the learning rate"), else fp32."""
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
 
 
