@@ -128,12 +128,15 @@ def train(
     layers: Optional[int] = typer.Option(None, "--layers", help="LSTM layers. " + D("layers")),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Locked dropout between layers and before the head. " + D("dropout")),
     embed_dropout: Optional[float] = typer.Option(None, "--embed-dropout", help="Locked dropout on the embeddings. " + D("embed_dropout")),
+    weight_drop: Optional[float] = typer.Option(None, "--weight-drop", help="DropConnect on the hidden-to-hidden weights "
+                                                "(one mask per batch, explicit cell). " + D("weight_drop")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per worker per step. " + D("batch_size")),
     carry_state: Optional[bool] = typer.Option(None, "--carry-state/--shuffle-windows",
                                                help="Carry the LSTM state across batches (TBPTT) or train on shuffled windows."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. " + D("lr")),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay. " + D("weight_decay")),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps. " + D("warmup_steps")),
+    lr_floor: Optional[float] = typer.Option(None, "--lr-floor", help="Where the cosine ends, as a fraction of --lr. " + D("lr_floor")),
     clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clip. " + D("clip")),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps. " + D("max_steps")),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop after this many minutes (0: off). " + D("max_minutes")),
@@ -153,8 +156,9 @@ def train(
     workers_min, workers_max = parse_workers(workers) if workers is not None else (None, None)
     flags = dict(workers=workers_min, workers_max=workers_max, gpu=gpu, wait_timeout=wait_timeout, shared_fs=shared_fs,
                  cell=cell, precision=precision, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
-                 embed_dropout=embed_dropout, batch_size=batch_size, carry_state=carry_state, lr=lr, weight_decay=weight_decay,
-                 warmup_steps=warmup_steps, clip=clip,
+                 embed_dropout=embed_dropout, weight_drop=weight_drop, batch_size=batch_size, carry_state=carry_state, lr=lr,
+                 weight_decay=weight_decay,
+                 warmup_steps=warmup_steps, lr_floor=lr_floor, clip=clip,
                  max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
                  checkpoint_every=checkpoint_every, log_every=log_every, val_chars=val_chars, keep=keep, max_failures=max_failures)
     cfg = train_config(preset, data=storage.absolute(data), run=storage.absolute(run), resume=resume, **flags)

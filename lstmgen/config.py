@@ -67,12 +67,14 @@ class TrainConfig:
     layers: int = 1
     dropout: float = 0.25  # locked dropout between layers and before the head (0.1: 0.04 bpc worse at 10 minutes)
     embed_dropout: float = 0.1  # locked dropout on the embeddings
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights (AWD-LSTM), explicit cell only
     # optimisation; batch_size is per worker, in windows of seq_len characters
     batch_size: int = 8  # 10-minute runs on 2 cores: more, smaller steps win (docs/results.md)
     carry_state: bool = True  # TBPTT over contiguous streams; False: shuffled windows from zero state
     lr: float = 2e-2  # high for batch 8: 2e-2 and 3e-2 level, 4e-3 0.19 bpc behind at 3 minutes (docs/results.md)
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    lr_floor: float = 0.1  # the cosine ends at lr * lr_floor
     clip: float = 1.0
     max_steps: int = 100000
     max_minutes: float = 10.0  # > 0: stop (and finish the LR schedule) after this much wall time
@@ -99,6 +101,8 @@ class TrainConfig:
             (self.hidden >= 1 and self.embed >= 1 and self.layers >= 1, "--hidden/--embed/--layers must be >= 1"),
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
             (0.0 <= self.embed_dropout < 1.0, f"--embed-dropout must be in [0, 1) (got {self.embed_dropout})"),
+            (0.0 <= self.weight_drop < 1.0, f"--weight-drop must be in [0, 1) (got {self.weight_drop})"),
+            (self.weight_drop == 0 or self.cell == "explicit", "--weight-drop needs --cell explicit (nn.LSTM's kernel drops no weights)"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
@@ -108,6 +112,7 @@ class TrainConfig:
             (self.clip > 0, f"--clip must be positive (got {self.clip})"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps})"),
+            (0.0 <= self.lr_floor <= 1.0, f"--lr-floor must be in [0, 1] (got {self.lr_floor})"),
             (self.max_minutes >= 0, f"--max-minutes must be >= 0 (got {self.max_minutes})"),
             (self.max_failures >= 0, f"--max-failures must be >= 0 (got {self.max_failures})"),
             (self.keep >= 1, f"--keep must be at least 1 (got {self.keep})"),

@@ -51,6 +51,7 @@ class ModelConfig:
     dropout: float  # locked dropout between layers and before the head
     embed_dropout: float  # locked dropout on the embeddings
     cell: str = "explicit"  # checkpoints from before the fused cell existed hold no "cell"
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights while training
 
 
 class StepMatmul:
@@ -233,10 +234,11 @@ class LSTM(nn.LSTM):
     - logits: autocast's (bf16); the loss is taken in fp32 (``train.py``).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, dropout: float, cell: str):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, dropout: float, cell: str,
+                 weight_drop: float = 0.0):
         super().__init__(input_size, hidden_size, num_layers, batch_first=True,
                          dropout=dropout if num_layers > 1 else 0.0)
-        self.cell = cell
+        self.cell, self.weight_drop = cell, weight_drop
         self._matmul_cache: dict[int, tuple[tuple[int, int], StepMatmul]] = {}
         with torch.no_grad():  # forget-gate bias 1 (split as 1 + 0 over the two bias vectors)
             for k in range(num_layers):
@@ -270,6 +272,8 @@ class LSTM(nn.LSTM):
             if torch.is_grad_enabled():  # training: time-major, gates reordered, BPTT by hand
                 order, scale = gate_order(self.hidden_size).to(x.device), gate_scale(self.hidden_size).to(x)
                 xw = F.linear(x.transpose(0, 1), w_ih[order] * scale, (b_ih + b_hh)[order] * scale[:, 0])  # (time, batch, 4H)
+                if self.training and self.weight_drop:  # DropConnect: one mask over the batch, every step
+                    w_hh = F.dropout(w_hh, self.weight_drop)
                 x, h, c = LSTMRecurrence.apply(xw, h, c, w_hh[order] * scale)
                 x = x.transpose(0, 1)
             else:
@@ -304,7 +308,7 @@ class CharLSTM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed)
-        self.rnn = LSTM(cfg.embed, cfg.hidden, cfg.layers, cfg.dropout, cfg.cell)
+        self.rnn = LSTM(cfg.embed, cfg.hidden, cfg.layers, cfg.dropout, cfg.cell, cfg.weight_drop)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size)
         nn.init.normal_(self.embed.weight, std=0.1)
 

@@ -165,11 +165,12 @@ def _save_run(cfg: TrainConfig, vocab: Vocab) -> None:
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``lr / 10`` as
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``lr * lr_floor`` as
     ``progress`` (the larger of step and time fractions) goes to 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    floor = cfg.lr_floor
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @dataclass
@@ -218,7 +219,7 @@ def train_loop(config: dict) -> None:
 
     # Model and optimizer, restored from the newest checkpoint when there is one.
     model_cfg = ModelConfig(vocab_size=len(vocab), embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers,
-                            dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell)
+                            dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell, weight_drop=cfg.weight_drop)
     model = CharLSTM(model_cfg)
     state, run = _restore(ray.train.get_checkpoint(), config["resume_from"])  # Ray: its record of the run
     if state is not None:

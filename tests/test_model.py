@@ -120,3 +120,19 @@ def test_explicit_trains_under_bf16_autocast_like_fused(monkeypatch, onednn):
         model.eval()
         step_logits, _ = model.step(ids[:, 0])
     assert (step_logits.float() - reference[:, 0].detach()).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_weight_drop_masks_the_hidden_weights_in_training_only():
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, embed=12, hidden=24, layers=1, dropout=0.0, embed_dropout=0.0)
+    dropped = CharLSTM(ModelConfig(**cfg, weight_drop=0.5))
+    plain = CharLSTM(ModelConfig(**cfg))
+    plain.load_state_dict(dropped.state_dict())
+    ids, targets = torch.randint(0, 40, (4, 9)), torch.randint(0, 40, (4, 9))
+    bits_per_char(dropped(ids)[0], targets).backward()
+    grad = dropped.rnn.weight_hh_l0.grad
+    zeros = (grad == 0).float().mean().item()
+    assert 0.4 < zeros < 0.6, zeros  # the dropped half gets no gradient: one mask for every step and row
+    assert not torch.allclose(dropped(ids)[0], plain(ids)[0])  # training: another network each batch
+    dropped.eval(), plain.eval()
+    assert torch.allclose(dropped(ids)[0], plain(ids)[0])  # evaluation and generation: all the weights

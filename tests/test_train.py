@@ -78,7 +78,8 @@ def test_bf16_training_through_ray_train_and_its_checkpoint_generates_with_eithe
 
 @pytest.mark.parametrize("flag, value", [("--log-every", "0"), ("--clip", "-1"), ("--max-failures", "-1"),
                                          ("--checkpoint-every", "-5"), ("--wait-timeout", "0"), ("--lr", "nan"),
-                                         ("--max-minutes", "inf"), ("--seed", "-1"), ("--val-chars", "-1")])
+                                         ("--max-minutes", "inf"), ("--seed", "-1"), ("--val-chars", "-1"),
+                                         ("--weight-drop", "1"), ("--lr-floor", "2")])
 def test_bad_training_flags_fail_before_anything_starts(tmp_path, flag, value):
     one_line_error(run_cli("train", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"), flag, value), flag)
     assert not (tmp_path / "r").exists()
