@@ -63,7 +63,8 @@ def test_the_readme_states_the_same_defaults():
     for phrase in (f"{d.layers} x {d.hidden} explicit LSTM", f"embedding {d.embed}",
                    f"dropout {d.dropout} before the head ({d.embed_dropout} on the embeddings)",
                    f"{d.workers} workers x batch {d.batch_size}", f"lr {d.lr:.0e}".replace("e-0", "e-"),
-                   f"weight decay {d.weight_decay}", f"{d.warmup_steps} warmup steps", f"clip {d.clip}",
+                   f"weight decay {d.weight_decay}", f"{d.warmup_steps} warmup steps",
+                   f"cosine to {d.lr_floor:g} x lr", f"clip {d.clip}",
                    f"every {d.eval_every} steps", f"--max-minutes {d.max_minutes:g}", f"--max-steps {d.max_steps}"):
         assert phrase in text, phrase
 
