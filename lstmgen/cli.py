@@ -157,8 +157,7 @@ def train(
     flags = dict(workers=workers_min, workers_max=workers_max, gpu=gpu, wait_timeout=wait_timeout, shared_fs=shared_fs,
                  cell=cell, precision=precision, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
                  embed_dropout=embed_dropout, weight_drop=weight_drop, batch_size=batch_size, carry_state=carry_state, lr=lr,
-                 weight_decay=weight_decay,
-                 warmup_steps=warmup_steps, lr_floor=lr_floor, clip=clip,
+                 weight_decay=weight_decay, warmup_steps=warmup_steps, lr_floor=lr_floor, clip=clip,
                  max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
                  checkpoint_every=checkpoint_every, log_every=log_every, val_chars=val_chars, keep=keep, max_failures=max_failures)
     cfg = train_config(preset, data=storage.absolute(data), run=storage.absolute(run), resume=resume, **flags)

@@ -93,3 +93,14 @@ def test_bad_training_flags_fail_before_anything_starts(tmp_path, flag, value):
 def test_bad_flags_of_the_other_jobs_fail_before_anything_starts(tmp_path, args, flag):
     one_line_error(run_cli(*args, cwd=tmp_path), flag)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_schedule_warms_up_then_falls_to_lr_floor_and_stays_there():
+    from lstmgen.config import TrainConfig
+    from lstmgen.train import lr_at
+
+    cfg = TrainConfig(data="d", run="r", lr=2e-2, warmup_steps=100, lr_floor=0.01)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(2e-4) and lr_at(cfg, 99, 0.0) == pytest.approx(2e-2)
+    assert lr_at(cfg, 100, 0.0) == pytest.approx(2e-2)
+    assert lr_at(cfg, 5000, 0.5) == pytest.approx(2e-2 * (0.01 + 0.99 / 2))
+    assert lr_at(cfg, 9000, 1.0) == pytest.approx(2e-4) and lr_at(cfg, 9000, 1.7) == pytest.approx(2e-4)
