@@ -1,9 +1,11 @@
 """Held-out bits per character, with the LSTM state carried through the text.
 
-The split is rebuilt as one id sequence and cut into ``rows`` contiguous rows that are read in
-parallel, ``segment`` characters at a time, state carried from segment to segment: each character is
-scored once, with all the context before it in its row (only the first character of each row
-starts cold). Training validation and ``lstmgen evaluate`` both use this function.
+The split is cut into ``rows`` contiguous rows that are read in parallel, ``segment`` characters
+at a time, state carried from segment to segment: each character is scored once, with all the
+context before it in its row (only the first character of each row starts cold). Training
+validation and ``lstmgen evaluate`` both use this function. Each row is read from Parquet as it is
+scored (``SplitReader.rows``), so a split of any size fits in memory; only the count mixture holds
+the text at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +24,7 @@ from lstmgen import checkpoint, storage
 from lstmgen.config import EvaluateConfig
 from lstmgen.errors import LstmgenError
 from lstmgen.model import CharLSTM, detach
-from lstmgen.windows import split_ids
+from lstmgen.windows import IGNORE, SplitReader, Stream, split_ids
 
 
 def rows_of(ids: np.ndarray, rows: int) -> list[np.ndarray]:
@@ -36,37 +39,50 @@ def rows_of(ids: np.ndarray, rows: int) -> list[np.ndarray]:
     return out
 
 
+Rows = Sequence[Iterable[np.ndarray]]  # each row: its text as consecutive pieces of ids
+
+
 @torch.no_grad()
-def carried_bits(model: CharLSTM, ids: np.ndarray, rows: int = 16, segment: int = 256, device: str = "cpu",
-                part: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+def carried_bits(model: CharLSTM, rows: Rows, segment: int = 256, device: str = "cpu",
+                 part: tuple[int, int] = (0, 1)) -> tuple[float, int]:
     """(total bits, characters scored) over this ``part`` = (index, parts) of the rows, so that
-    several training workers can share one validation pass."""
-    if len(ids) < 2:
-        raise LstmgenError("the evaluation split holds fewer than 2 characters")
+    several training workers can share one validation pass. The rows are read in step,
+    ``segment`` characters at a time; a row that runs out leaves the batch (its state with it),
+    and the last, shorter segment of a row is padded with targets the loss skips."""
     was_training = model.training
     model.eval()
     total_bits, total = 0.0, 0
-    rows = rows_of(ids, rows)
-    groups = [rows[:-1], rows[-1:]] if len(rows) > 1 and len(rows[-1]) != len(rows[0]) else [rows]
-    groups = [g[part[0] :: part[1]] for g in groups]
-    for group in (g for g in groups if g):
-        block = torch.from_numpy(np.stack(group)).to(device)
-        state = None
-        for t in range(0, block.shape[1] - 1, segment):
-            x = block[:, t : t + segment]
-            y = block[:, t + 1 : t + segment + 1]
-            x = x[:, : y.shape[1]]
-            logits, state = model(x, state)
-            state = detach(state)
-            nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-            total_bits += nats.item() / math.log(2)
-            total += y.numel()
+    streams = [Stream(row) for row in rows[part[0] :: part[1]]]
+    state = None
+    while streams:
+        pieces = [s.take(segment) for s in streams]
+        live = [i for i, piece in enumerate(pieces) if len(piece) >= 2]
+        if len(live) < len(streams):  # rows that ended leave the batch
+            streams, pieces = [streams[i] for i in live], [pieces[i] for i in live]
+            if not streams:
+                break
+            if state is not None:
+                keep = torch.tensor(live, dtype=torch.long, device=device)
+                state = [(h[keep], c[keep]) for h, c in state]
+        block = np.full((len(pieces), max(len(piece) for piece in pieces)), IGNORE, dtype=np.int64)
+        for i, piece in enumerate(pieces):
+            block[i, : len(piece)] = piece
+        block = torch.from_numpy(block).to(device)
+        x, y = block[:, :-1].clamp(min=0), block[:, 1:]
+        logits, state = model(x, state)
+        state = detach(state)
+        nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        total_bits += nats.item() / math.log(2)
+        total += int((y != IGNORE).sum())
     model.train(was_training)
+    if total == 0 and part == (0, 1):
+        raise LstmgenError("the evaluation split holds fewer than 2 characters")
     return total_bits, total
 
 
 def carried_bpc(model: CharLSTM, ids: np.ndarray, rows: int = 16, segment: int = 256, device: str = "cpu") -> float:
-    bits, n = carried_bits(model, ids, rows, segment, device)
+    """Bits per character of ids held in memory, cut into ``rows`` rows."""
+    bits, n = carried_bits(model, [[row] for row in rows_of(ids, rows)], segment, device)
     return bits / n
 
 
@@ -77,20 +93,17 @@ def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float =
     mean of squared gradients, as RMSprop), and ``decay`` pulls the weights back toward the
     trained ones each step. The model is restored afterwards. Tune ``lr``/``decay`` on training
     text, never on the split being scored."""
-    if len(ids) < 2:
-        raise LstmgenError("the evaluation split holds fewer than 2 characters")
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     mean_sq = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     was_training = model.training
     model.eval()  # no dropout while adapting
-    block = torch.from_numpy(ids)[None, :]
+    text = Stream([ids] if isinstance(ids, np.ndarray) else ids)
     state, total_bits, total, pieces = None, 0.0, 0, []
     t0 = time.time()
     try:
-        for t in range(0, block.shape[1] - 1, segment):
-            x = block[:, t : t + segment]
-            y = block[:, t + 1 : t + segment + 1]
-            x = x[:, : y.shape[1]]
+        while len(piece := text.take(segment)) >= 2:
+            block = torch.from_numpy(piece.astype(np.int64))[None, :]
+            x, y = block[:, :-1], block[:, 1:]
             model.zero_grad(set_to_none=True)
             logits, state = model(x, state)
             each = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
@@ -109,13 +122,15 @@ def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float =
                     p.sub_(lr * p.grad / (mean_sq[n].sqrt() + eps))
                     if decay:
                         p.add_(decay * (trained[n] - p))
-            if progress and (t // segment) % 500 == 0:
-                print(f"dynamic: {t:,}/{len(ids):,} chars, {total_bits / total:.4f} bpc, {time.time() - t0:.0f} s", flush=True)
+            if progress and (total // segment) % 500 == 1:
+                print(f"dynamic: {total:,} chars, {total_bits / total:.4f} bpc, {time.time() - t0:.0f} s", flush=True)
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(trained[n])
         model.train(was_training)
+    if total == 0:
+        raise LstmgenError("the evaluation split holds fewer than 2 characters")
     if per_char:
         return total_bits / total, np.concatenate(pieces)
     return total_bits / total
@@ -148,20 +163,25 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         need = require_mixture_memory(chars)
         print(f"evaluate: the count model needs ~{need / 2**30:.2f} GiB for {chars:,} characters", file=sys.stderr)
     model = loaded.model()
-    ids = split_ids(cfg.data, cfg.split)
+    reader = SplitReader(cfg.data, cfg.split)  # streamed: memory stays flat however long the split
     t0 = time.time()
     extra: dict = {}
     if cfg.mix_counts:
         from lstmgen.mixture import Mixture
 
+        ids = split_ids(cfg.data, cfg.split)  # the count model holds the text at once (its stated need)
         lr = cfg.dynamic_lr if cfg.dynamic else 0.0
         bpc, lstm_bits = dynamic_bpc(model, ids, segment=cfg.segment, lr=lr, decay=cfg.dynamic_decay, per_char=True)
         mixture = Mixture(split_ids(cfg.data, "train"), ids, len(loaded.vocab), cfg.mix_counts)
         extra = {"count_bpc": float(mixture.count_bits(cfg.mix_lr).mean()),
                  "mixture_bpc": float(mixture.mixed_bits(lstm_bits, cfg.mix_lr).mean())}
+        scored = len(lstm_bits)
     elif cfg.dynamic:
-        bpc = dynamic_bpc(model, ids, segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay, progress=True)
+        bpc, per_char = dynamic_bpc(model, reader.ids(), segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay,
+                                    progress=True, per_char=True)
+        scored = len(per_char)
     else:
-        bpc = carried_bpc(model, ids, rows=cfg.rows)
-    return {"checkpoint": loaded.path, "split": cfg.split, "chars": int(len(ids)), "bpc": bpc, "dynamic": cfg.dynamic,
+        bits, scored = carried_bits(model, reader.rows(cfg.rows))
+        bpc = bits / scored
+    return {"checkpoint": loaded.path, "split": cfg.split, "chars": scored + 1, "bpc": bpc, "dynamic": cfg.dynamic,
             "step": loaded.meta.get("step"), "seconds": round(time.time() - t0, 2), **extra}

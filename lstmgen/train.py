@@ -34,9 +34,10 @@ from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
 from lstmgen.evaluate import carried_bits
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, default_precision, detach
-from lstmgen.windows import collate, split_ids, table_ids
+from lstmgen.windows import SplitReader, Stream, collate, window_ids
 
 MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
+PIECE_WINDOWS = 4096  # windows a carried-state stream reads from Ray Data at a time (256 K characters at seq_len 64)
 RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "precision", "max_failures", "eval_every", "log_every", "keep",
              "wait_timeout", "shared_fs")
 
@@ -88,6 +89,7 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
 
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if embedded() else 0
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
+                   "windows": manifest["splits"]["train"]["windows"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
                    "threads": threads, "cluster": not embedded(),
                    "resume_from": {"path": newest.path, "step": newest.step} if newest else None}
@@ -233,7 +235,7 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
 
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the windows
-    valid = split_ids(cfg.data, "valid", cfg.val_chars) if config["has_valid"] else None
+    valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read from Parquet at each evaluation
     precision = cfg.precision or default_precision(device)  # decided here: each node's own hardware
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # see model.py, "Precision"
     if rank == 0:
@@ -261,7 +263,7 @@ def train_loop(config: dict) -> None:
                "lr": lr, "chars_per_s": window.chars_per_s(), "elapsed_s": run.elapsed + time.time() - t_start,
                "resumed_from": run.resumed_from, "workers": world}
         if valid is not None:
-            part = torch.tensor(carried_bits(raw, valid, device=str(device), part=(rank, world)),
+            part = torch.tensor(carried_bits(raw, valid.rows(16, cfg.val_chars), device=str(device), part=(rank, world)),
                                 dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(part)
@@ -277,7 +279,7 @@ def train_loop(config: dict) -> None:
     rng = np.random.default_rng(cfg.seed + run.step)  # the same on every worker
     progress, done, lr = 0.0, False, cfg.lr
     while not done:
-        batches, carried, epoch_steps = epoch_batches(shard, cfg, seq_len, rng), None, 0
+        batches, carried, epoch_steps = epoch_batches(shard, cfg, seq_len, rng, config["windows"] // world), None, 0
         batch = next(batches, None)
         progress, go = agree(batch is not None)
         done = progress >= 1.0
@@ -352,34 +354,39 @@ def _print_worker_nodes(node: str, rank: int, world: int) -> None:
         print(f"train: worker {r} of {world} on node {n}", flush=True)
 
 
-def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):
-    """One epoch of (inputs, targets) from this worker's shard.
+def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generator, windows: int,
+                  piece_windows: int = PIECE_WINDOWS):
+    """One epoch of (inputs, targets) from this worker's shard of about ``windows`` windows.
 
-    ``carry_state``: the shard's windows are put back in text order and cut into ``batch_size``
-    contiguous streams read ``seq_len`` characters at a time, so the LSTM state is carried from
-    one batch to the next (truncated backpropagation through time, as char-rnn trains; each
-    epoch starts at a random offset). Otherwise: shuffled windows, each starting from zero state.
+    ``carry_state``: ``batch_size`` streams of contiguous text read ``seq_len`` characters at a
+    time, so the LSTM state is carried from one batch to the next (truncated backpropagation
+    through time, as char-rnn trains). The shard is never held whole: each stream takes the next
+    piece of consecutive windows from Ray Data when it runs out (a piece of at most
+    ``piece_windows``, fewer on a small shard so that every stream gets some), so memory is a
+    few pieces per stream whatever the corpus size. Where a stream moves on to its next piece it
+    jumps to another place in the text, and its state is carried across the jump as across an
+    article boundary: the first characters after it are predicted from unrelated context, which
+    costs a little loss and asks nothing the model does not already meet at every article start.
+    Each epoch starts the streams at a random offset, so batch boundaries move from epoch to epoch;
+    the epoch ends when a stream finds no piece left.
+
+    Otherwise: shuffled windows, each starting from zero state.
     """
     if not cfg.carry_state:
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
                                         local_shuffle_buffer_size=cfg.batch_size * 8):
             yield collate(batch)
         return
-    import pyarrow as pa
-
-    tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
-    if not tables:
-        return
-    ids = table_ids(pa.concat_tables(tables).sort_by("index"))
-    ids = torch.from_numpy(ids[int(rng.integers(0, seq_len)) :])
-    per_stream = (len(ids) - 1) // cfg.batch_size
-    if per_stream < seq_len:
-        return
-    used = ids[: cfg.batch_size * per_stream + 1]
-    x_all = used[:-1].view(cfg.batch_size, per_stream)
-    y_all = used[1:].view(cfg.batch_size, per_stream)
-    for t in range(0, per_stream - seq_len + 1, seq_len):
-        yield x_all[:, t : t + seq_len], y_all[:, t : t + seq_len]
+    piece_windows = max(1, min(piece_windows, windows // cfg.batch_size))
+    pieces = (window_ids(table) for table in shard.iter_batches(batch_size=piece_windows, batch_format="pyarrow"))
+    offset = int(rng.integers(0, seq_len))
+    streams = [Stream(pieces, skip=offset) for _ in range(cfg.batch_size)]
+    while True:
+        rows = [stream.take(seq_len) for stream in streams]
+        if any(len(row) < seq_len + 1 for row in rows):
+            return
+        ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+        yield ids[:, :-1], ids[:, 1:]
 
 
 def _publish(cfg: TrainConfig, run: Progress, row: dict, raw: CharLSTM, opt, model_cfg: ModelConfig,

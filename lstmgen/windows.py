@@ -16,6 +16,7 @@ Parquet schema (one row per window)::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -102,36 +103,143 @@ def collate(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def read_split(data: str, split: str) -> pa.Table:
-    """All windows of a split, in order, with plain pyarrow (local or S3)."""
-    where = storage.join(data, split)
+def split_dir(data: str, split: str) -> tuple[str, dict]:
+    """The directory of a split and the manifest, checked: only the splits the manifest lists are trusted."""
     manifest_path = storage.join(data, "manifest.json")
     if not storage.exists(manifest_path):
         raise LstmgenError(f"{data}: no manifest.json; is it a directory written by lstmgen prepare?")
-    listed = json.loads(storage.read_text(manifest_path))["splits"]
-    if split not in listed or not storage.is_dir(where):  # only the splits the manifest lists are trusted
-        raise LstmgenError(f"{data}: no {split!r} split here (manifest.json lists {', '.join(listed)})")
-    fs, p = storage.resolve(where)
-    table = pq.read_table(p, filesystem=fs, schema=None)
-    return table.sort_by("index")
+    manifest = json.loads(storage.read_text(manifest_path))
+    where = storage.join(data, split)
+    if split not in manifest["splits"] or not storage.is_dir(where):
+        raise LstmgenError(f"{data}: no {split!r} split here (manifest.json lists {', '.join(manifest['splits'])})")
+    return where, manifest
 
 
-def table_ids(table: pa.Table) -> np.ndarray:
-    """Undo the windowing of windows given in order: one contiguous id stream (consecutive windows
-    overlap by one id; ``length`` drops the padding of a short last window)."""
+def read_split(data: str, split: str) -> pa.Table:
+    """All windows of a split, in order, with plain pyarrow (local or S3); for tests and benchmarks
+    (the jobs stream a split with ``SplitReader``)."""
+    fs, p = storage.resolve(split_dir(data, split)[0])
+    return pq.read_table(p, filesystem=fs, schema=None).sort_by("index")
+
+
+def window_ids(table: pa.Table, previous: tuple[int, int] | None = None) -> np.ndarray:
+    """Undo the windowing of windows given in text order: their ids as one stream, in the stored
+    dtype (uint8/uint16; a batch is cast to int64 only when it becomes a tensor). A window that
+    directly follows a full window (the next ``index``) starts with that window's last id, which is
+    dropped; ``length`` drops a short window's padding. ``previous`` is the (index, length) of the
+    window read just before ``table``, when the caller reads on from it. (Where one source file of a
+    split ends exactly on a full window, the next file's first character is dropped the same way.)"""
     if table.num_rows == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.uint8)
     width = table.column("ids").type.list_size
     rows = table.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
     lengths = table.column("length").to_numpy()
-    pieces = [rows[0, : lengths[0]]] + [rows[i, 1 : lengths[i]] for i in range(1, len(rows))]
-    return np.concatenate(pieces).astype(np.int64)
+    index = table.column("index").to_numpy()
+    first = previous is not None and index[0] == previous[0] + 1 and previous[1] == width
+    overlaps = np.r_[first, (index[1:] == index[:-1] + 1) & (lengths[:-1] == width)]
+    keep = np.arange(width)[None, :] < lengths[:, None]
+    keep[:, 0] &= ~overlaps
+    return rows[keep]
+
+
+class SplitReader:
+    """One prepared split read in text order, a bounded piece at a time (local or S3).
+
+    Opening reads only the Parquet footers: every row group's first window ``index`` (from its
+    statistics) and row count. Reading windows [start, stop) then streams the row groups that hold
+    them, ``batch`` windows at a time, so memory stays bounded by one row group (one prepare chunk,
+    ``--chunk-mb``) and a batch per reader however large the split is."""
+
+    COLUMNS = ["ids", "length", "index"]
+
+    def __init__(self, data: str, split: str, batch: int = 4096):
+        self.batch = batch
+        import pyarrow.dataset as pads
+
+        where, manifest = split_dir(data, split)
+        fs, path = storage.resolve(where)
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        self.pieces: list[tuple[int, int, object]] = []  # (first window index, windows, row-group fragment)
+        for fragment in dataset.get_fragments():
+            meta = fragment.metadata
+            column = meta.schema.names.index("index")
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                stats = group.column(column).statistics
+                if group.num_rows and (stats is None or not stats.has_min_max):
+                    raise LstmgenError(f"{data}: {fragment.path} has no index statistics; was it written by lstmgen prepare?")
+                if group.num_rows:
+                    self.pieces.append((int(stats.min), group.num_rows, fragment.subset(row_group_ids=[g])))
+        self.pieces.sort(key=lambda piece: piece[0])
+        self.windows = sum(rows for _, rows, _ in self.pieces)
+        self.seq_len = int(manifest["seq_len"])
+
+    def tables(self, start: int = 0, stop: int | None = None) -> Iterator[pa.Table]:
+        """Windows [start, stop) of the split in order, at most ``batch`` at a time."""
+        stop = self.windows if stop is None else min(stop, self.windows)
+        for first, rows, fragment in self.pieces:
+            if first + rows <= start or first >= stop:
+                continue
+            position = first
+            for record_batch in fragment.to_batches(batch_size=self.batch, columns=self.COLUMNS):
+                lo, hi = max(start - position, 0), min(stop - position, record_batch.num_rows)
+                if hi > lo:
+                    yield pa.Table.from_batches([record_batch.slice(lo, hi - lo)])
+                position += record_batch.num_rows
+                if position >= stop:
+                    return
+
+    def ids(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """The text of windows [start, stop) as consecutive pieces of ids."""
+        previous = None
+        for table in self.tables(start, stop):
+            yield window_ids(table, previous)
+            previous = (table.column("index")[-1].as_py(), table.column("length")[-1].as_py())
+
+    def rows(self, rows: int, max_chars: int = 0) -> list[Iterator[np.ndarray]]:
+        """The split (or its first ``max_chars``) cut into ``rows`` rows of equal windows, plus one
+        short row with the windows left over, each a lazy reader: nothing is read until a row is.
+        Consecutive rows overlap by one id, so every id but the first is a target once."""
+        n = self.windows if not max_chars else min(self.windows, -(-max_chars // self.seq_len))
+        rows = max(1, min(rows, n))
+        per = n // rows
+        bounds = [(r * per, (r + 1) * per) for r in range(rows)] + ([(rows * per, n)] if rows * per < n else [])
+        return [self.ids(a, b) for a, b in bounds]
 
 
 def split_ids(data: str, split: str, max_chars: int = 0) -> np.ndarray:
-    """A split's ids as one contiguous stream (for evaluation with the LSTM state carried across
-    windows). Streams of several files are joined."""
-    table = read_split(data, split)
-    if max_chars:
-        table = table.slice(0, max(1, -(-max_chars // max(1, table.column("ids").type.list_size - 1))))
-    return table_ids(table)
+    """A whole split (or its first ``max_chars``) as one int64 array in memory: for the count
+    model and the benchmarks, which hold the text at once by design. Evaluation streams instead
+    (``SplitReader``)."""
+    reader = SplitReader(data, split)
+    stop = -(-max_chars // reader.seq_len) if max_chars else None
+    pieces = list(reader.ids(0, stop))
+    return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+
+
+class Stream:
+    """One row of text read ``n`` characters at a time from pieces of ids pulled as needed.
+
+    ``take(n)`` returns up to ``n + 1`` ids (inputs are the first ``n``, targets the last ``n``)
+    and moves on by ``n``, so the next take starts with this one's last id: every id after the
+    first is a target once. Fewer than ``n + 1`` ids means the pieces ran out. Several streams may
+    share one iterator of pieces: whichever needs text next takes the next piece."""
+
+    def __init__(self, pieces: Iterable[np.ndarray], skip: int = 0):
+        self.pieces = iter(pieces)
+        self.buffer = np.zeros(0, dtype=np.int64)
+        self.position = 0
+        self.skip = skip  # ids to drop before the first one handed out
+
+    def take(self, n: int) -> np.ndarray:
+        while len(self.buffer) - self.position < n + 1:
+            piece = next(self.pieces, None)
+            if piece is None:
+                break
+            cut = min(self.skip, len(piece))
+            self.skip -= cut
+            self.buffer = np.concatenate([self.buffer[self.position :], piece[cut:]])
+            self.position = 0
+        out = self.buffer[self.position : self.position + n + 1]
+        self.position += max(len(out) - 1, 0)
+        return out

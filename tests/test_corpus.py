@@ -228,7 +228,7 @@ def test_carried_state_batches_continue_each_stream(ray_local, tmp_path):
     shuffled = table.take(np.random.default_rng(0).permutation(table.num_rows))
     shard = ray.data.from_arrow(shuffled).iterator()  # a real Ray Data iterator, rows out of order
     cfg = TrainConfig(data=str(out), run="", batch_size=4, carry_state=True)
-    batches = list(epoch_batches(shard, cfg, 16, np.random.default_rng(1)))
+    batches = list(epoch_batches(shard, cfg, 16, np.random.default_rng(1), windows=table.num_rows))
     assert len(batches) > 10 and all(x.shape == (4, 16) for x, _ in batches)
     for row in range(4):
         xs = np.concatenate([x[row].numpy() for x, _ in batches])
