@@ -34,10 +34,9 @@ from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
 from lstmgen.evaluate import carried_bits
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, default_precision, detach
-from lstmgen.windows import SplitReader, Stream, collate, window_ids
+from lstmgen.windows import SplitReader, Stream, collate, pieces_of, window_ids
 
-MATERIALIZE_BYTES = 512 << 20  # prepared splits below this are held in the object store, shuffled per epoch
-PIECE_WINDOWS = 4096  # windows a carried-state stream reads from Ray Data at a time (256 K characters at seq_len 64)
+PIECE_WINDOWS = 4096  # the most windows in a piece a worker reads at a time (256 K characters at seq_len 64)
 RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "precision", "max_failures", "eval_every", "log_every", "keep",
              "wait_timeout", "shared_fs")
 
@@ -74,14 +73,17 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
 
     fs, run_path = storage.resolve(cfg.run)
     storage_path, name = run_path.rsplit("/", 1)
-    data_fs, train_path = storage.resolve(storage.join(cfg.data, "train"))
     ray.data.DataContext.get_current().enable_progress_bars = False  # the workers print their own progress
-    ds = ray.data.read_parquet(train_path, filesystem=data_fs, columns=["ids", "length", "index"])
-    small = sum(s["bytes"] for s in manifest["sources"]) < MATERIALIZE_BYTES
-    if small:
-        ds = ds.materialize()
-    if not cfg.carry_state:  # shuffled windows; with carried state each worker restores text order itself
-        ds = ds.random_shuffle(seed=None) if small else ds.randomize_block_order()
+    # Ray Data shards the windows as pieces of consecutive windows (a few numbers per row); each
+    # worker reads its pieces from Parquet itself as it trains (``epoch_batches``). So nothing is
+    # read before the first step, nothing is read ahead into the object store, and memory is a
+    # few pieces per worker whatever the corpus size.
+    windows = manifest["splits"]["train"]["windows"]
+    most = max(cfg.workers, cfg.workers_max)
+    streams = most * (cfg.batch_size if cfg.carry_state else 1)  # every stream gets a piece
+    ds = ray.data.from_items(pieces_of(windows, min(PIECE_WINDOWS, windows // streams)))
+    if not cfg.carry_state:
+        ds = ds.random_shuffle()  # a new order of pieces every epoch; windows are shuffled within a piece
 
     # Embedded Ray: split this machine's cores between the workers. On a cluster each worker
     # keeps the threads Ray gives its actor (OMP_NUM_THREADS from its CPU share).
@@ -89,7 +91,6 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
 
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if embedded() else 0
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
-                   "windows": manifest["splits"]["train"]["windows"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
                    "threads": threads, "cluster": not embedded(),
                    "resume_from": {"path": newest.path, "step": newest.step} if newest else None}
@@ -119,10 +120,10 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
 
 def _check_windows_per_worker(cfg: TrainConfig, manifest: dict) -> None:
     """Refuse at once, on the driver, data too small to give every worker one batch: with carried
-    state a worker needs ``batch_size`` streams of at least one window plus its random start."""
+    state a worker needs ``batch_size`` streams of two windows (one, and its random start)."""
     windows = manifest["splits"]["train"]["windows"]
     most = max(cfg.workers, cfg.workers_max)
-    need = cfg.batch_size + 2 if cfg.carry_state else cfg.batch_size
+    need = 2 * cfg.batch_size if cfg.carry_state else cfg.batch_size
     if windows // most < need:
         raise LstmgenError(f"{cfg.data}: {windows} training windows cannot give each of {most} worker(s) a batch of "
                            f"{cfg.batch_size} (needs {need} per worker); lower --batch-size or --workers, or add text")
@@ -234,7 +235,8 @@ def train_loop(config: dict) -> None:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
 
-    shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the windows
+    shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the pieces of windows
+    text = SplitReader(cfg.data, "train")  # reads the windows of a piece
     valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read from Parquet at each evaluation
     precision = cfg.precision or default_precision(device)  # decided here: each node's own hardware
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # see model.py, "Precision"
@@ -279,7 +281,7 @@ def train_loop(config: dict) -> None:
     rng = np.random.default_rng(cfg.seed + run.step)  # the same on every worker
     progress, done, lr = 0.0, False, cfg.lr
     while not done:
-        batches, carried, epoch_steps = epoch_batches(shard, cfg, seq_len, rng, config["windows"] // world), None, 0
+        batches, carried, epoch_steps = epoch_batches(shard, text, cfg, seq_len, rng), None, 0
         batch = next(batches, None)
         progress, go = agree(batch is not None)
         done = progress >= 1.0
@@ -354,31 +356,31 @@ def _print_worker_nodes(node: str, rank: int, world: int) -> None:
         print(f"train: worker {r} of {world} on node {n}", flush=True)
 
 
-def epoch_batches(shard, cfg: TrainConfig, seq_len: int, rng: np.random.Generator, windows: int,
-                  piece_windows: int = PIECE_WINDOWS):
-    """One epoch of (inputs, targets) from this worker's shard of about ``windows`` windows.
+def epoch_batches(shard, text: SplitReader, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):
+    """One epoch of (inputs, targets) from this worker's shard: pieces of consecutive windows,
+    each read from Parquet only when it is needed.
 
     ``carry_state``: ``batch_size`` streams of contiguous text read ``seq_len`` characters at a
     time, so the LSTM state is carried from one batch to the next (truncated backpropagation
-    through time, as char-rnn trains). The shard is never held whole: each stream takes the next
-    piece of consecutive windows from Ray Data when it runs out (a piece of at most
-    ``piece_windows``, fewer on a small shard so that every stream gets some), so memory is a
-    few pieces per stream whatever the corpus size. Where a stream moves on to its next piece it
-    jumps to another place in the text, and its state is carried across the jump as across an
-    article boundary: the first characters after it are predicted from unrelated context, which
-    costs a little loss and asks nothing the model does not already meet at every article start.
-    Each epoch starts the streams at a random offset, so batch boundaries move from epoch to epoch;
-    the epoch ends when a stream finds no piece left.
+    through time, as char-rnn trains). A stream takes the shard's next piece when it runs out, so
+    memory is a piece or two per stream whatever the corpus size. Where a stream moves on to its
+    next piece it jumps to another place in the text, and its state is carried across the jump as
+    across an article boundary: the first characters after it are predicted from unrelated
+    context, which costs a little loss and asks nothing the model does not already meet at every
+    article start. Each epoch starts the streams at a random offset, so batch boundaries move from
+    epoch to epoch; the epoch ends when a stream finds no piece left.
 
-    Otherwise: shuffled windows, each starting from zero state.
+    Otherwise: each piece's windows shuffled, in batches that each start from zero state (the
+    pieces come in a new order every epoch).
     """
+    tables = (text.read(piece["start"], piece["stop"]) for piece in shard.iter_rows())  # Ray Data: this worker's pieces
     if not cfg.carry_state:
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
-                                        local_shuffle_buffer_size=cfg.batch_size * 8):
-            yield collate(batch)
+        for table in tables:
+            table = table.take(rng.permutation(table.num_rows))
+            for i in range(0, table.num_rows - cfg.batch_size + 1, cfg.batch_size):
+                yield collate(table.slice(i, cfg.batch_size))
         return
-    piece_windows = max(1, min(piece_windows, windows // cfg.batch_size))
-    pieces = (window_ids(table) for table in shard.iter_batches(batch_size=piece_windows, batch_format="pyarrow"))
+    pieces = (window_ids(table) for table in tables)
     offset = int(rng.integers(0, seq_len))
     streams = [Stream(pieces, skip=offset) for _ in range(cfg.batch_size)]
     while True:

@@ -171,6 +171,7 @@ class SplitReader:
                 if group.num_rows:
                     self.pieces.append((int(stats.min), group.num_rows, fragment.subset(row_group_ids=[g])))
         self.pieces.sort(key=lambda piece: piece[0])
+        self.empty = dataset.schema.empty_table()
         self.windows = sum(rows for _, rows, _ in self.pieces)
         self.seq_len = int(manifest["seq_len"])
 
@@ -189,6 +190,11 @@ class SplitReader:
                 if position >= stop:
                     return
 
+    def read(self, start: int, stop: int) -> pa.Table:
+        """Windows [start, stop) as one table."""
+        tables = list(self.tables(start, stop))
+        return pa.concat_tables(tables) if tables else self.empty
+
     def ids(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         """The text of windows [start, stop) as consecutive pieces of ids."""
         previous = None
@@ -205,6 +211,13 @@ class SplitReader:
         per = n // rows
         bounds = [(r * per, (r + 1) * per) for r in range(rows)] + ([(rows * per, n)] if rows * per < n else [])
         return [self.ids(a, b) for a, b in bounds]
+
+
+def pieces_of(windows: int, size: int) -> list[dict]:
+    """Cut windows [0, windows) into pieces of about ``size`` consecutive windows (sizes differ
+    by at most one): the rows of the dataset Ray Data shards between training workers."""
+    n = max(1, -(-windows // max(1, size)))
+    return [{"start": windows * i // n, "stop": windows * (i + 1) // n} for i in range(n)]
 
 
 def split_ids(data: str, split: str, max_chars: int = 0) -> np.ndarray:

@@ -213,25 +213,3 @@ def test_download_verifies_checksum_and_caches(http_archive, tmp_path):
 def test_download_offline_names_the_corpus_flag(tmp_path):
     with pytest.raises(LstmgenError, match="--corpus"):
         fetch_wikitext("http://127.0.0.1:9/none.zip", "0" * 64, str(tmp_path))
-
-
-def test_carried_state_batches_continue_each_stream(ray_local, tmp_path):
-    import ray
-
-    from lstmgen.config import TrainConfig
-    from lstmgen.train import epoch_batches
-
-    text = wiki_text(30_000)
-    out, _ = _prepare(tmp_path, text, seq_len=16, valid_fraction=0.0)
-    vocab = Vocab.from_json((out / "vocab.json").read_text())
-    table = read_split(str(out), "train")
-    shuffled = table.take(np.random.default_rng(0).permutation(table.num_rows))
-    shard = ray.data.from_arrow(shuffled).iterator()  # a real Ray Data iterator, rows out of order
-    cfg = TrainConfig(data=str(out), run="", batch_size=4, carry_state=True)
-    batches = list(epoch_batches(shard, cfg, 16, np.random.default_rng(1), windows=table.num_rows))
-    assert len(batches) > 10 and all(x.shape == (4, 16) for x, _ in batches)
-    for row in range(4):
-        xs = np.concatenate([x[row].numpy() for x, _ in batches])
-        ys = np.concatenate([y[row].numpy() for _, y in batches])
-        assert np.array_equal(xs[1:], ys[:-1])  # targets are the next characters
-        assert vocab.decode(xs) in text  # each row is one contiguous stretch of the text

@@ -2,6 +2,7 @@
 order, and memory does not grow with the corpus (real Ray Data, real Parquet)."""
 
 import tracemalloc
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from lstmgen.evaluate import carried_bits, carried_bpc
 from lstmgen.model import CharLSTM, ModelConfig
 from lstmgen.prepare import prepare
 from lstmgen.train import epoch_batches
-from lstmgen.windows import SplitReader, read_split, split_ids
+from lstmgen.windows import SplitReader, pieces_of, read_split, split_ids
 
 from .conftest import wiki_text
 
@@ -34,9 +35,10 @@ def corpora(ray_local, tmp_path_factory):
     return out
 
 
-def _train_shard(data: str):
-    fs_path = f"{data}/train"
-    return ray.data.read_parquet(fs_path, columns=["ids", "length", "index"]).iterator()
+def _shard(data: str, size: int, shuffle: bool = False):
+    """A real Ray Data iterator over the pieces of a split's windows, as ``train`` builds it."""
+    ds = ray.data.from_items(pieces_of(SplitReader(data, "train").windows, size))
+    return (ds.random_shuffle(seed=0) if shuffle else ds).iterator()
 
 
 def test_split_reader_reads_the_text_in_order_from_any_window(corpora):
@@ -55,24 +57,56 @@ def test_split_reader_reads_the_text_in_order_from_any_window(corpora):
 def test_carried_state_streams_are_the_text_in_order(corpora):
     data, text = corpora["small"]
     vocab = Vocab.from_json(open(f"{data}/vocab.json").read())
-    table = read_split(data, "train")
-    shard = ray.data.from_arrow(table).iterator()  # one block, windows in text order
     cfg = TrainConfig(data=data, run="", batch_size=4, carry_state=True)
-    rng = np.random.default_rng(3)
     offset = int(np.random.default_rng(3).integers(0, 16))
-    batches = list(epoch_batches(shard, cfg, 16, rng, windows=table.num_rows, piece_windows=100))
-    per_piece = 100 * 16  # characters in a piece of 100 windows
-    assert len(batches) > 100
+    batches = list(epoch_batches(_shard(data, 100), SplitReader(data, "train"), cfg, 16, np.random.default_rng(3)))
+    pieces = [(16 * p["start"], 16 * p["stop"]) for p in pieces_of(SplitReader(data, "train").windows, 100)]  # in characters
+    assert len(batches) > 100 and all(x.shape == (4, 16) for x, _ in batches)
     for row in range(4):
         xs = np.concatenate([x[row].numpy() for x, _ in batches])
         ys = np.concatenate([y[row].numpy() for _, y in batches])
         assert np.array_equal(xs[1:], ys[:-1])  # targets are the next characters
-        # stream r took pieces r, r + 4, ...: its first piece is its first 1600 characters, from the offset on
-        start = row * per_piece + offset
-        assert vocab.decode(xs[: per_piece - offset]) == text[start : (row + 1) * per_piece]
-        # then piece r + 4 follows in order (after the last character of piece r, which it also holds)
-        second, after = (row + 4) * per_piece, per_piece + 1 - offset
-        assert vocab.decode(xs[after : after + per_piece]) == text[second : second + per_piece]
+        # stream r took pieces r, r + 4, ...: first piece r's text from the offset on
+        (a, b), (c, d) = pieces[row], pieces[row + 4]
+        assert vocab.decode(xs[: b - a - offset]) == text[a + offset : b]
+        # then piece r + 4 in order (after the last character of piece r, which it also holds)
+        after = b - a - offset + 1
+        assert vocab.decode(xs[after : after + d - c]) == text[c:d]
+
+
+def test_carried_state_streams_jump_only_between_pieces(corpora):
+    data, text = corpora["small"]
+    vocab = Vocab.from_json(open(f"{data}/vocab.json").read())
+    cfg = TrainConfig(data=data, run="", batch_size=4, carry_state=True)
+    batches = list(epoch_batches(_shard(data, 100, shuffle=True), SplitReader(data, "train"), cfg, 16, np.random.default_rng(1)))
+    assert len(batches) > 100
+    for row in range(4):
+        stream = vocab.decode(np.concatenate([x[row].numpy() for x, _ in batches]))
+        stretches = []  # the stream cut greedily into the longest stretches that lie in the text whole
+        while stream:
+            lo, hi = 1, len(stream)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if stream[:mid] in text else (lo, mid - 1)
+            stretches.append(lo)
+            stream = stream[lo:]
+        assert len(stretches) > 1 and min(stretches[:-1]) >= 1500, stretches  # jumps only after a piece (~1590 characters)
+
+
+def test_shuffled_windows_cover_the_epoch_once(corpora):
+    data, _ = corpora["small"]
+    cfg = TrainConfig(data=data, run="", batch_size=8, carry_state=False)
+    windows = read_split(data, "train")
+    rows = Counter(tuple(r) for r in windows.column("ids").to_pylist())
+    seen = [tuple(x[i].tolist()) + (int(y[i, -1]),) for x, y in epoch_batches(_shard(data, 1000, shuffle=True),
+                                                                              SplitReader(data, "train"), cfg, 16,
+                                                                              np.random.default_rng(0)) for i in range(8)]
+    full = Counter(s for s in seen if s[-1] != -100)  # short windows end in padding
+    assert len(seen) >= 0.98 * windows.num_rows
+    assert all(rows[w] >= n for w, n in full.items())  # real windows, each at most as often as in the text
+    where = {tuple(r): i for i, r in enumerate(windows.column("ids").to_pylist())}
+    first = [where[w] for w in seen[:20] if w in where]
+    assert first != sorted(first)  # out of text order
 
 
 def _peak_traced(fn) -> int:
@@ -89,9 +123,9 @@ def test_training_loader_memory_does_not_grow_with_the_corpus(corpora):
 
     def one_epoch(name: str) -> int:
         data = corpora[name][0]
-        windows = SplitReader(data, "train").windows
-        steps = sum(1 for _ in epoch_batches(_train_shard(data), cfg, 16, np.random.default_rng(0), windows, piece_windows=256))
-        assert steps >= windows // 8 // 256 * 256 * 0.9  # the whole epoch was read
+        text = SplitReader(data, "train")
+        steps = sum(1 for _ in epoch_batches(_shard(data, 256), text, cfg, 16, np.random.default_rng(0)))
+        assert steps >= text.windows // 8 * 0.9  # the whole epoch was read
         return steps
 
     peaks = {name: _peak_traced(lambda n=name: one_epoch(n)) for name in ("small", "large")}
