@@ -23,6 +23,7 @@ RAY_NOISE = (
     "RayDeprecationWarning: `ExecutionOptions.exclude_resources`",  # Ray Train's own use of an option,
     "self.exclude_resources = exclude_resources",  # and the source line the warning quotes
     "Token authentication is enabled for this Ray cluster",  # Ray's default, which lstmgen keeps
+    "PYTHON worker processes have been started on node",  # the raylet counting Ray Train's and Ray Data's actors at start
 )
 DEBUG = os.environ.get("LSTMGEN_DEBUG", "") not in ("", "0")
 
