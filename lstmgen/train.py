@@ -1,7 +1,7 @@
 """Train job: Ray Train data-parallel workers over the explicit LSTM.
 
 Reads top to bottom: ``train`` (the driver) checks the data, the run directory and the cluster's
-capacity, then hands Ray Train a Ray Data dataset of windows; ``train_loop`` runs on every worker:
+capacity, then hands Ray Train a Ray Data dataset of pieces of windows; ``train_loop`` runs on every worker:
 restore the newest checkpoint if there is one, then per step set the LR (warmup, then cosine over
 the step or time budget), forward with the LSTM state carried from the previous batch of the same
 text streams (truncated BPTT, as char-rnn trains; ``--shuffle-windows`` starts each window from
