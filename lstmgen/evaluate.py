@@ -86,7 +86,7 @@ def carried_bpc(model: CharLSTM, ids: np.ndarray, rows: int = 16, segment: int =
     return bits / n
 
 
-def dynamic_bpc(model: CharLSTM, ids: np.ndarray, segment: int = 50, lr: float = 3e-4, decay: float = 0.0,
+def dynamic_bpc(model: CharLSTM, ids: np.ndarray | Iterable[np.ndarray], segment: int = 50, lr: float = 3e-4, decay: float = 0.0,
                 beta: float = 0.99, eps: float = 1e-8, progress: bool = False, per_char: bool = False):
     """Dynamic evaluation: score each ``segment`` characters first, then take one gradient step
     on them, as a compressor adapts to the text it has read. Steps are RMS-normalised (a running
@@ -175,13 +175,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         mixture = Mixture(split_ids(cfg.data, "train"), ids, len(loaded.vocab), cfg.mix_counts)
         extra = {"count_bpc": float(mixture.count_bits(cfg.mix_lr).mean()),
                  "mixture_bpc": float(mixture.mixed_bits(lstm_bits, cfg.mix_lr).mean())}
-        scored = len(lstm_bits)
     elif cfg.dynamic:
-        bpc, per_char = dynamic_bpc(model, reader.ids(), segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay,
-                                    progress=True, per_char=True)
-        scored = len(per_char)
+        bpc = dynamic_bpc(model, reader.ids(), segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay, progress=True)
     else:
         bits, scored = carried_bits(model, reader.rows(cfg.rows))
         bpc = bits / scored
-    return {"checkpoint": loaded.path, "split": cfg.split, "chars": scored + 1, "bpc": bpc, "dynamic": cfg.dynamic,
+    return {"checkpoint": loaded.path, "split": cfg.split, "chars": reader.chars, "bpc": bpc, "dynamic": cfg.dynamic,
             "step": loaded.meta.get("step"), "seconds": round(time.time() - t0, 2), **extra}

@@ -236,7 +236,7 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
 
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the pieces of windows
-    text = SplitReader(cfg.data, "train")  # reads the windows of a piece
+    train_split = SplitReader(cfg.data, "train")  # reads the windows of a piece
     valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read from Parquet at each evaluation
     precision = cfg.precision or default_precision(device)  # decided here: each node's own hardware
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # see model.py, "Precision"
@@ -281,7 +281,7 @@ def train_loop(config: dict) -> None:
     rng = np.random.default_rng(cfg.seed + run.step)  # the same on every worker
     progress, done, lr = 0.0, False, cfg.lr
     while not done:
-        batches, carried, epoch_steps = epoch_batches(shard, text, cfg, seq_len, rng), None, 0
+        batches, carried, epoch_steps = epoch_batches(shard, train_split, cfg, seq_len, rng), None, 0
         batch = next(batches, None)
         progress, go = agree(batch is not None)
         done = progress >= 1.0
@@ -356,7 +356,7 @@ def _print_worker_nodes(node: str, rank: int, world: int) -> None:
         print(f"train: worker {r} of {world} on node {n}", flush=True)
 
 
-def epoch_batches(shard, text: SplitReader, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):
+def epoch_batches(shard, train_split: SplitReader, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):
     """One epoch of (inputs, targets) from this worker's shard: pieces of consecutive windows,
     each read from Parquet only when it is needed.
 
@@ -373,7 +373,7 @@ def epoch_batches(shard, text: SplitReader, cfg: TrainConfig, seq_len: int, rng:
     Otherwise: each piece's windows shuffled, in batches that each start from zero state (the
     pieces come in a new order every epoch).
     """
-    tables = (text.read(piece["start"], piece["stop"]) for piece in shard.iter_rows())  # Ray Data: this worker's pieces
+    tables = (train_split.read(piece["start"], piece["stop"]) for piece in shard.iter_rows())  # Ray Data: this worker's pieces
     if not cfg.carry_state:
         for table in tables:
             table = table.take(rng.permutation(table.num_rows))

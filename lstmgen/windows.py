@@ -153,13 +153,13 @@ class SplitReader:
     COLUMNS = ["ids", "length", "index"]
 
     def __init__(self, data: str, split: str, batch: int = 4096):
-        self.batch = batch
         import pyarrow.dataset as pads
 
+        self.batch = batch
         where, manifest = split_dir(data, split)
         fs, path = storage.resolve(where)
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        self.pieces: list[tuple[int, int, object]] = []  # (first window index, windows, row-group fragment)
+        self.row_groups: list[tuple[int, int, object]] = []  # (first window index, windows, row-group fragment)
         for fragment in dataset.get_fragments():
             meta = fragment.metadata
             column = meta.schema.names.index("index")
@@ -169,16 +169,17 @@ class SplitReader:
                 if group.num_rows and (stats is None or not stats.has_min_max):
                     raise LstmgenError(f"{data}: {fragment.path} has no index statistics; was it written by lstmgen prepare?")
                 if group.num_rows:
-                    self.pieces.append((int(stats.min), group.num_rows, fragment.subset(row_group_ids=[g])))
-        self.pieces.sort(key=lambda piece: piece[0])
+                    self.row_groups.append((int(stats.min), group.num_rows, fragment.subset(row_group_ids=[g])))
+        self.row_groups.sort(key=lambda group: group[0])
         self.empty = dataset.schema.empty_table()
-        self.windows = sum(rows for _, rows, _ in self.pieces)
+        self.windows = sum(rows for _, rows, _ in self.row_groups)
+        self.chars = int(manifest["splits"][split]["chars"])
         self.seq_len = int(manifest["seq_len"])
 
     def tables(self, start: int = 0, stop: int | None = None) -> Iterator[pa.Table]:
         """Windows [start, stop) of the split in order, at most ``batch`` at a time."""
         stop = self.windows if stop is None else min(stop, self.windows)
-        for first, rows, fragment in self.pieces:
+        for first, rows, fragment in self.row_groups:
             if first + rows <= start or first >= stop:
                 continue
             position = first
@@ -224,9 +225,7 @@ def split_ids(data: str, split: str, max_chars: int = 0) -> np.ndarray:
     """A whole split (or its first ``max_chars``) as one int64 array in memory: for the count
     model and the benchmarks, which hold the text at once by design. Evaluation streams instead
     (``SplitReader``)."""
-    reader = SplitReader(data, split)
-    stop = -(-max_chars // reader.seq_len) if max_chars else None
-    pieces = list(reader.ids(0, stop))
+    pieces = list(SplitReader(data, split).rows(1, max_chars)[0])
     return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
 
 

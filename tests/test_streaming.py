@@ -45,7 +45,7 @@ def test_split_reader_reads_the_text_in_order_from_any_window(corpora):
     data, text = corpora["small"]
     vocab = Vocab.from_json(open(f"{data}/vocab.json").read())
     reader = SplitReader(data, "train")
-    assert len(reader.pieces) > 1 and reader.windows == read_split(data, "train").num_rows
+    assert len(reader.row_groups) > 1 and reader.windows == read_split(data, "train").num_rows
     assert vocab.decode(np.concatenate(list(reader.ids()))) == text
     start, stop = 1234, 5678  # windows start every 16 characters
     assert vocab.decode(np.concatenate(list(reader.ids(start, stop)))) == text[16 * start : 16 * stop + 1]
