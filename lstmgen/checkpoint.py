@@ -187,20 +187,24 @@ def check_vocab(loaded: Loaded, data: str) -> None:
         )
 
 
+LEASE_FILES = ("lease.json", "lease.json.lock")  # the run's lease (lstmgen.lease), never copied
+
+
 def copy_verified(src: str, dst: str, overwrite: bool = False) -> tuple[int, int]:
     """Copy a run or checkpoint directory (local <-> S3) so that an interrupted copy never leaves
     something at ``dst`` that looks whole: the files go to a staging directory beside ``dst``,
     every file's size and SHA-256 is checked there, and only then is the staging directory
     published (renamed locally; on S3 copied server-side, each checkpoint's meta.json after its
     model.pt). A non-empty ``dst`` is refused unless ``overwrite``. Returns (files, bytes)."""
-    files = {rel: size for rel, size in storage.walk(src).items() if rel != "lease.json"}  # a live run's lease stays
+    files = {rel: size for rel, size in storage.walk(src).items() if rel not in LEASE_FILES}  # a live run's lease stays
     if not files:
         raise LstmgenError(f"{src}: nothing to copy")
     if storage.walk(dst) and not overwrite:
         raise LstmgenError(f"{dst}: not empty; pass --overwrite to replace what is there, or choose another destination")
     staging = f"{dst.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
     storage.copy_tree(src, staging)
-    storage.delete(storage.join(staging, "lease.json"))
+    for name in LEASE_FILES:
+        storage.delete(storage.join(staging, name))
     copied = storage.walk(staging)
     for rel, size in files.items():
         if copied.get(rel) != size:

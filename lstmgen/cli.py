@@ -2,7 +2,8 @@
 
 Each job command builds its config dataclass and runs the job on an embedded local Ray (or the
 cluster in ``--address`` / ``RAY_ADDRESS``). ``lstmgen submit JOB ...`` sends the same command to
-a cluster's job server instead. Errors a user can fix print one line and exit 1.
+a cluster's job server instead (the cluster commands live in ``cli_cluster``). Every error prints
+one line (``errors.error_line``) and exits 1.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -21,6 +21,7 @@ from lstmgen import (
     runtime,  # noqa: F401  (first: it sets the environment Ray reads at import)
     storage,
 )
+from lstmgen.cli_cluster import SUBMIT_SETTINGS, cluster_app, jobs_app, submit
 from lstmgen.config import (
     PRESETS,
     WIKITEXT2_SHA256,
@@ -34,18 +35,12 @@ from lstmgen.config import (
     parse_workers,
     train_config,
 )
-from lstmgen.errors import LstmgenError
+from lstmgen.errors import LstmgenError, error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train a character-level LSTM on Wikipedia text with Ray, and generate articles.")
 checkpoints_app = typer.Typer(no_args_is_help=True, help="List and copy a run's checkpoints.")
 app.add_typer(checkpoints_app, name="checkpoints")
-jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, status, logs, stop.")
-app.add_typer(jobs_app, name="jobs")
-cluster_app = typer.Typer(no_args_is_help=True, help="Rehearse cluster.yaml on this machine before paying for AWS.")
-app.add_typer(cluster_app, name="cluster")
-JOB_SERVER = typer.Option(None, "--address", envvar="RAY_ADDRESS",
-                          help="Job server (dashboard) URL, e.g. http://127.0.0.1:8265 through `ray dashboard cluster.yaml`.")
 
 S3_ENDPOINT = typer.Option(None, "--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
 ADDRESS = typer.Option(None, "--address", help="Drive the job from here on this Ray cluster (GCS address HOST:6379) "
@@ -236,7 +231,7 @@ def pipeline(
     _setup(s3_endpoint, workers=workers)
     if not storage.exists(storage.join(data, "manifest.json")):
         run_prepare(PrepareConfig(out=data, corpus=[storage.absolute(c) for c in corpus or []]))
-    run_train(train_config("cpu-10min", data=data, run=run, workers=workers, max_minutes=minutes,
+    run_train(train_config(data=data, run=run, workers=workers, max_minutes=minutes,
                            resume=storage.exists(storage.join(run, "train_config.json"))))
     typer.echo(f"\n--- sample: the prime and {length} generated characters ---")
     gen.stream(GenerateConfig(checkpoint=run, prime=prime, sampling=sampling))
@@ -321,174 +316,10 @@ def checkpoints_copy(src: str = typer.Argument(..., help="Run or checkpoint dire
     typer.echo(f"copied {files} file(s), {size / 1e6:.2f} MB: {src} -> {dst} (sizes and SHA-256 verified)")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def submit(
-    ctx: typer.Context,
-    job: str = typer.Argument(..., help="prepare | train | generate | evaluate | checkpoints"),
-    address: Optional[str] = JOB_SERVER,
-    follow_logs: bool = typer.Option(False, "--follow", help="Tail the logs; exit with the job's status."),
-) -> None:
-    """Submit a job to a Ray cluster: `lstmgen submit train --data s3://... --run s3://...` takes the
-    same options as the local command and runs jobs/<job>.py on the cluster."""
-    from lstmgen import submit as sub
-
-    args = list(ctx.args)
-    _validate_job_args(job, args)
-    job_id = sub.submit(job, args, address, gpu="--gpu" in args)
-    typer.echo(job_id)
-    if follow_logs:
-        status = sub.follow(sub.client(address), job_id)
-        typer.echo(f"job {job_id}: {status}", err=True)
-        raise typer.Exit(0 if status == "SUCCEEDED" else 1)
-
-
-def _validate_job_args(job: str, args: list[str]) -> None:
-    """Parse the job's arguments with the local command's parser, so a bad flag fails here, now."""
-    command = getattr(typer.main.get_command(app), "commands", {}).get(job)
-    if job not in ("prepare", "train", "generate", "evaluate", "checkpoints") or command is None:
-        raise LstmgenError(f"cannot submit {job!r}; choose prepare, train, generate, evaluate or checkpoints")
-    try:
-        command.make_context(job, list(args), resilient_parsing=False)
-    except Exception as exc:  # Typer's own (vendored) click exceptions
-        if type(exc).__name__ == "Exit":
-            return
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        raise LstmgenError(f"{job}: {message}") from None
-
-
-@jobs_app.command("list")
-def jobs_list(address: Optional[str] = JOB_SERVER) -> None:
-    """A table of the cluster's jobs."""
-    from lstmgen import submit as sub
-
-    typer.echo(sub.list_table(sub.client(address)))
-
-
-@jobs_app.command("status")
-def jobs_status(job_id: str = typer.Argument(...), address: Optional[str] = JOB_SERVER) -> None:
-    """A job's status and message."""
-    from lstmgen import submit as sub
-
-    info = sub.status_of(sub.client(address), job_id)
-    typer.echo(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
-
-
-@jobs_app.command("logs")
-def jobs_logs(job_id: str = typer.Argument(...), follow_logs: bool = typer.Option(False, "--follow", help="Until the job ends."),
-              address: Optional[str] = JOB_SERVER) -> None:
-    """A job's logs (with --follow: until it ends, exiting with its status)."""
-    from lstmgen import submit as sub
-
-    c = sub.client(address)
-    sub.status_of(c, job_id)
-    if not follow_logs:
-        typer.echo(c.get_job_logs(job_id), nl=False)
-        return
-    status = sub.follow(c, job_id)
-    typer.echo(f"job {job_id}: {status}", err=True)
-    raise typer.Exit(0 if status == "SUCCEEDED" else 1)
-
-
-@jobs_app.command("stop")
-def jobs_stop(job_id: str = typer.Argument(...), address: Optional[str] = JOB_SERVER,
-              timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for it to stop.")) -> None:
-    """Stop a job and wait until it has stopped."""
-    from lstmgen import submit as sub
-
-    c = sub.client(address)
-    sub.status_of(c, job_id)
-    c.stop_job(job_id)
-    status = sub.wait(c, job_id, timeout)
-    typer.echo(f"{job_id}: {status}")
-    if status not in sub.TERMINAL:
-        raise LstmgenError(f"{job_id}: still {status} after {timeout:.0f} s")
-
-
-@cluster_app.command("rehearse")
-def cluster_rehearse(
-    cluster_yaml: str = typer.Option(str(Path(__file__).resolve().parent.parent / "cluster.yaml"), "--cluster-yaml",
-                                     help="The cluster config whose worker node types to mirror."),
-    workdir: str = typer.Option(".lstmgen-rehearsal", "--workdir", help="Ray's logs and the cluster's token go here."),
-    cpus_per_node: int = typer.Option(1, "--cpus-per-node", help="CPUs each simulated worker node offers."),
-    max_nodes_per_type: int = typer.Option(4, "--max-nodes-per-type", help="Cap on each node type's max_workers."),
-    idle_timeout: float = typer.Option(30.0, "--idle-timeout", help="Seconds before an idle worker node is removed."),
-    s3_endpoint: Optional[str] = S3_ENDPOINT,
-) -> None:
-    """Start a multi-node Ray cluster on this machine shaped like cluster.yaml: a head with the real
-    autoscaler, worker nodes (separate raylets) that start at zero and go when idle. Ctrl-C stops it."""
-    import signal
-    import time as clock
-
-    from lstmgen import rehearse
-
-    env = {"AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}
-    cluster = rehearse.start(Path(workdir), Path(cluster_yaml), cpus_per_node=cpus_per_node,
-                             max_per_type=max_nodes_per_type, idle_timeout_s=idle_timeout, env=env)
-    types = json.loads((Path(workdir) / "autoscaler.json").read_text())["available_node_types"]
-    shape = ", ".join(f"{name} {t['min_workers']}-{t['max_workers']}" for name, t in types.items() if "min_workers" in t)
-    typer.echo(f"rehearsal: job server {cluster.url}; worker node types {shape} (1 {rehearse.GPU_STANDIN} each, "
-               f"standing in for a GPU), idle timeout {idle_timeout:g} s\n"
-               f"In another terminal:\n  export RAY_ADDRESS={cluster.url} RAY_AUTH_TOKEN_PATH={cluster.token_path} "
-               f"LSTMGEN_CODE_ON_NODES={Path(__file__).resolve().parent.parent}\n"
-               "  lstmgen submit train --gpu --workers 2 --data s3://BUCKET/data --run s3://BUCKET/runs/r1 --follow\n"
-               "Ctrl-C stops the cluster.")
-
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the cluster as Ctrl-C does
-    seen = None
-    try:
-        while True:
-            nodes = sorted(n["type"] for n in cluster.nodes())
-            if nodes != seen:
-                typer.echo(f"rehearsal: {len(nodes)} worker node(s) up" + (f": {', '.join(nodes)}" if nodes else ""))
-                seen = nodes
-            clock.sleep(2)
-    except KeyboardInterrupt:
-        typer.echo("rehearsal: stopping")
-    finally:
-        cluster.stop()
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def _causes(exc: BaseException):
-    """The exception and everything wrapped inside it: Ray task, actor, controller and worker
-    failures, and Python's own chaining. Outermost first."""
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        for attr in ("cause", "controller_failure"):
-            inner = getattr(e, attr, None)
-            if isinstance(inner, BaseException):
-                stack.append(inner)
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            stack.extend(v for v in failures.values() if isinstance(v, BaseException))
-        stack.extend([e.__cause__, e.__context__])
-
-
-def error_line(exc: BaseException) -> str:
-    """One line for the user: the first LstmgenError inside Ray's wrappers, else the innermost
-    exception with its first line (a wrapper's own message says only that something failed)."""
-    chain = list(_causes(exc))
-    for e in chain:
-        if type(e) is LstmgenError or (isinstance(e, LstmgenError) and not hasattr(e, "cause")):
-            return str(e)
-    for e in chain:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, LstmgenError):
-            return str(cause)
-    inner = chain[-1]
-    text = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
-    prefix = "training failed: " if any(type(e).__name__.endswith(("ControllerError", "WorkerGroupError")) for e in chain) else ""
-    return f"{prefix}{type(inner).__name__}: {text}"
+# The cluster commands (lstmgen/cli_cluster.py): submit, jobs, cluster.
+app.command(context_settings=SUBMIT_SETTINGS)(submit)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(cluster_app, name="cluster")
 
 
 def main() -> None:

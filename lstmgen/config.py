@@ -63,18 +63,18 @@ class TrainConfig:
     cell: str = "explicit"  # "explicit" (gates written out) or "fused" (torch.nn.LSTM / cuDNN)
     precision: str = ""  # "fp32" or "bf16" (autocast; weights, states, optimizer stay fp32); "": bf16 where the hardware has it
     embed: int = 64
-    hidden: int = 384  # 10 minutes on 2 cores: 384 beats 256 despite 0.6x the steps (docs/results.md)
+    hidden: int = 384  # wider learns more per step than the extra cost per step loses, at 10 minutes (docs/results.md, "Width")
     layers: int = 1
-    dropout: float = 0.25  # locked dropout between layers and before the head (0.1: 0.04 bpc worse at 10 minutes)
+    dropout: float = 0.25  # locked dropout between layers and before the head: a corpus this small is memorised
     embed_dropout: float = 0.1  # locked dropout on the embeddings
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights (AWD-LSTM), explicit cell only
     # optimisation; batch_size is per worker, in windows of seq_len characters
-    batch_size: int = 8  # 10-minute runs on 2 cores: more, smaller steps win (docs/results.md)
+    batch_size: int = 8  # for a fixed budget on a CPU, more and smaller steps win (docs/results.md, "Updates per minute")
     carry_state: bool = True  # TBPTT over contiguous streams; False: shuffled windows from zero state
-    lr: float = 2e-2  # high for batch 8: 2e-2 and 3e-2 level, 4e-3 0.19 bpc behind at 3 minutes (docs/results.md)
-    weight_decay: float = 0.1  # 0.01: 0.018 bpc worse at 10 minutes (docs/results.md)
+    lr: float = 2e-2  # high, for a short budget of small steps (docs/results.md, "bf16 and the learning rate")
+    weight_decay: float = 0.1  # AdamW, decoupled; strong, as against memorising (docs/results.md, "weight decay")
     warmup_steps: int = 100
-    lr_floor: float = 0.01  # the cosine ends at lr * lr_floor (0.1: 0.016 bpc worse at 10 minutes)
+    lr_floor: float = 0.01  # the cosine ends at lr * lr_floor: the last steps take small steps to settle
     clip: float = 1.0
     max_steps: int = 100000
     max_minutes: float = 10.0  # > 0: stop (and finish the LR schedule) after this much wall time
@@ -139,13 +139,14 @@ def parse_workers(text: str) -> tuple[int, int]:
         raise LstmgenError(f"--workers takes N or MIN-MAX, like 2 or 2-8 (got {text!r})") from None
 
 
-# Named recipes. Explicit flags override them. Figures in docs/results.md.
+# Named recipes: only what differs from the defaults above, which are themselves the recipe for
+# 10 minutes on a 2-core CPU (so ``cpu-10min`` names them and changes nothing). Flags override a
+# preset. Figures in docs/results.md.
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden=128, embed=32, batch_size=16, max_steps=200, max_minutes=0.0, eval_every=50, warmup_steps=20),
-    "cpu-10min": dict(hidden=384, layers=1, embed=64, batch_size=8, lr=2e-2, weight_decay=0.1, lr_floor=0.01, max_minutes=10.0,
-                      max_steps=100000),
-    "best": dict(hidden=512, layers=2, embed=128, dropout=0.2, embed_dropout=0.1, batch_size=32, lr=3e-3, weight_decay=0.1, lr_floor=0.1,
-                 max_minutes=60.0, max_steps=1000000, eval_every=500),
+    "cpu-10min": dict(),
+    "best": dict(hidden=512, layers=2, embed=128, dropout=0.2, batch_size=32, lr=3e-3, lr_floor=0.1, max_minutes=60.0,
+                 max_steps=1000000, eval_every=500),
 }
 
 

@@ -58,11 +58,11 @@ class StepMatmul:
     """``add + x @ weight.t()`` for a weight that every timestep multiplies by again.
 
     On a CPU with oneDNN the weight is reordered once into oneDNN's blocked layout (as
-    nn.LSTM's own CPU kernel does) and each step runs oneDNN's linear with the add fused in:
-    about 1.6x faster than ``torch.addmm`` at batch 32, hidden 256-512 on an AMD EPYC
-    (bench/train_speed.py). A bf16 weight takes the same path where the CPU has bf16
-    instructions (AVX-512 BF16, AMX: 2-3x faster than fp32 on a Xeon with AMX). Elsewhere (GPU,
-    builds without oneDNN) it is ``torch.addmm``.
+    nn.LSTM's own CPU kernel does) and each step runs oneDNN's linear with the add fused in, so
+    no step pays to reorder the weight again (``torch.addmm`` does; bench/train_speed.py and
+    docs/results.md, "Training speed", say by how much). A bf16 weight takes the same path where
+    the CPU has bf16 instructions (AVX-512 BF16, AMX). Elsewhere (GPU, builds without oneDNN) it
+    is ``torch.addmm``.
 
     The product runs in the weight's dtype (the compute dtype, see "Precision" in LSTM) and the
     result has ``add``'s dtype, so an fp32 state or gradient can be added to a bf16 product.

@@ -10,6 +10,10 @@ one unit of the custom resource ``rehearsal_gpu`` instead, and ``LSTMGEN_GPU_RES
 jobs on this cluster that ``--gpu`` means one unit of it (the job then trains on the CPU). So
 ``lstmgen submit train --gpu --workers 2 ...`` is the same command here as on AWS.
 
+A spot reclaim with AWS's notice is rehearsed with ``Rehearsal.reclaim`` (``lstmgen cluster
+reclaim``): a fake instance metadata service on loopback announces it, the node's watcher
+(``lstmgen.spot``, as on AWS) drains the node, and the node is killed when the time comes.
+
 What differs from AWS: every node shares this machine's disk and cores, so use ``s3://`` paths
 (or ``--shared-fs``) as a real cluster needs, and read throughput figures as what they are.
 Everything listens on 127.0.0.1 or this machine's own address; token authentication is on.
@@ -25,9 +29,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from lstmgen.errors import LstmgenError
@@ -154,6 +161,34 @@ class Rehearsal:
         return [{"id": n["node_id"], "type": types.get(n["node_id"], ""), "resources": n["resources_total"]}
                 for n in listed if n["state"] == "ALIVE" and not n["is_head_node"]]
 
+    def reclaim(self, node_id: str, notice_s: float = 30.0, quiet_polls: int = 0) -> float:
+        """A spot reclaim as on AWS: the instance metadata (a fake service on loopback) announces
+        it ``notice_s`` seconds ahead, the node's watcher (``python -m lstmgen.spot``) reads it
+        and drains the node with reason preemption and that deadline, and at the deadline the node
+        is killed. With ``quiet_polls``, the watcher first finds no notice (404) that many times.
+        Blocks until the kill; returns its time."""
+        metadata = FakeMetadata()
+        try:
+            watcher = subprocess.Popen([sys.executable, "-m", "lstmgen.spot", "--address", self.gcs_address, "--node-id", node_id,
+                                        "--metadata-url", metadata.url, "--every", "0.5"],
+                                       env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            deadline = time.time() + 60
+            while metadata.polls() < quiet_polls and time.time() < deadline:
+                time.sleep(0.1)
+            metadata.reclaim_at = time.time() + notice_s
+            try:
+                out, _ = watcher.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                watcher.kill()
+                out, _ = watcher.communicate()
+        finally:
+            metadata.stop()
+        if watcher.returncode != 0:
+            raise LstmgenError(f"the watcher did not drain node {node_id}: {out.strip()[-500:]}")
+        time.sleep(max(0.0, metadata.reclaim_at - time.time()))
+        self.kill_node(node_id)
+        return time.time()
+
     def kill_node(self, node_id: str) -> int:
         """Take a worker node away the way a spot reclaim looks to Ray: SIGKILL its raylet and
         every process it started, with no warning. Returns how many processes were killed."""
@@ -227,7 +262,23 @@ def start(workdir: Path, cluster_yaml: Path = CLUSTER_YAML, cpus_per_node: int =
     except LstmgenError:
         cluster.stop()
         raise
+    (workdir / "cluster.json").write_text(json.dumps({"url": cluster.url, "gcs_address": gcs_address, "temp_dir": link}))
     return cluster
+
+
+def attach(workdir: Path) -> Rehearsal:
+    """The rehearsal cluster running from ``workdir`` (started by another process)."""
+    workdir = Path(workdir).resolve()
+    try:
+        info = json.loads((workdir / "cluster.json").read_text())
+        token = (workdir / "auth_token").read_text().strip()
+    except (OSError, ValueError):
+        raise LstmgenError(f"{workdir}: no rehearsal cluster here; start one with lstmgen cluster rehearse") from None
+    if not any(True for _ in processes_under(info["temp_dir"])):
+        raise LstmgenError(f"{workdir}: its rehearsal cluster is not running")
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    env.pop("RAY_ADDRESS", None)
+    return Rehearsal(info["url"], info["gcs_address"], info["temp_dir"], env, workdir / "auth_token")
 
 
 def wait_for_job_server(url: str, token: str, timeout: float) -> None:
@@ -243,3 +294,55 @@ def wait_for_job_server(url: str, token: str, timeout: float) -> None:
             if time.time() > deadline:
                 raise LstmgenError(f"{url}: the job server did not answer in {timeout:.0f} s ({exc})") from None
             time.sleep(1)
+
+
+class FakeMetadata:
+    """The part of EC2's instance metadata service (IMDSv2) a spot watcher reads, on loopback: a
+    session token (required), ``instance-life-cycle``, ``local-ipv4``, and
+    ``spot/instance-action`` (404 until ``reclaim_at`` is set)."""
+
+    def __init__(self, reclaim_at: float | None = None, life_cycle: str = "spot"):
+        self.reclaim_at, self.life_cycle, self.requests = reclaim_at, life_cycle, []
+        metadata = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):  # noqa: N802
+                metadata.requests.append(("PUT", self.path))
+                self._answer(200, "token-1" if self.path == "/latest/api/token" else None)
+
+            def do_GET(self):  # noqa: N802
+                metadata.requests.append(("GET", self.path))
+                if self.headers.get("X-aws-ec2-metadata-token") != "token-1":
+                    return self._answer(401, None)
+                self._answer(200, metadata.answer(self.path.removeprefix("/latest/meta-data/")))
+
+            def _answer(self, code: int, body: str | None):
+                code = 404 if body is None and code == 200 else code
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write((body or "").encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def polls(self) -> int:
+        """How often the notice was asked for."""
+        return sum(1 for method, path in self.requests if method == "GET" and path.endswith("/spot/instance-action"))
+
+    def answer(self, path: str) -> str | None:
+        if path == "instance-life-cycle":
+            return self.life_cycle
+        if path == "local-ipv4":
+            return "127.0.0.1"
+        if path == "spot/instance-action" and self.reclaim_at is not None:
+            when = datetime.fromtimestamp(self.reclaim_at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return json.dumps({"action": "terminate", "time": when})
+        return None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

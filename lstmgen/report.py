@@ -16,6 +16,14 @@ def read_metrics(run: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
+def short_rows(history: list[dict]) -> list[dict]:
+    """Rows whose training bpc is the mean of only a few steps (under a quarter of the most any
+    row has; e.g. the last row when the budget ended just after an evaluation): plotted apart, as
+    their mean is far noisier than the rest."""
+    most = max((r.get("train_steps", 0) for r in history), default=0)
+    return [r for r in history if "train_steps" in r and r["train_steps"] < most / 4]
+
+
 def plot(history: list[dict], run: str) -> str:
     """Training and validation bits per character against step -> RUN/loss.png."""
     import matplotlib
@@ -24,10 +32,14 @@ def plot(history: list[dict], run: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    steps = [r["step"] for r in history]
-    ax.plot(steps, [r["train_bpc"] for r in history], label="train", marker=".")
+    short = short_rows(history)
+    full = [r for r in history if not any(r is s for s in short)]
+    (line,) = ax.plot([r["step"] for r in full], [r["train_bpc"] for r in full], label="train", marker=".")
+    if short:
+        ax.plot([r["step"] for r in short], [r["train_bpc"] for r in short], linestyle="none", marker="o",
+                markerfacecolor="none", color=line.get_color(), label="train, mean of a few steps")
     if any("val_bpc" in r for r in history):
-        ax.plot(steps, [r.get("val_bpc") for r in history], label="validation", marker=".")
+        ax.plot([r["step"] for r in history], [r.get("val_bpc") for r in history], label="validation", marker=".")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per character")
     ax.set_title(run.rstrip("/").split("/")[-1])
@@ -50,7 +62,8 @@ def summary(run: str) -> str:
     lines = [
         f"run          {run}",
         f"steps        {last['step']}  ({last['elapsed_s'] / 60:.1f} min, {last['chars_per_s'] / 1e3:.1f}k chars/s at the end)",
-        f"train bpc    {last['train_bpc']:.3f} (last evaluation)",
+        f"train bpc    {last['train_bpc']:.3f} (last evaluation"
+        + (f", the mean of only {last['train_steps']} steps)" if any(r is last for r in short_rows(history)) else ")"),
         f"valid bpc    {last.get('val_bpc', float('nan')):.3f} last, "
         f"{best_row.get('val_bpc', float('nan')):.3f} best at step {best_row['step']}",
         f"checkpoint   {chosen.path if chosen else '(none)'}",

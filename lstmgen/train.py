@@ -1,17 +1,19 @@
 """Train job: Ray Train data-parallel workers over the explicit LSTM.
 
-Reads top to bottom: ``train`` (the driver) checks the data, the run directory and the cluster's
-capacity, then hands Ray Train a Ray Data dataset of pieces of windows; ``train_loop`` runs on every worker:
-restore the newest checkpoint if there is one, then per step set the LR (warmup, then cosine over
-the step or time budget), forward with the LSTM state carried from the previous batch of the same
-text streams (truncated BPTT, as char-rnn trains; ``--shuffle-windows`` starts each window from
-zero instead), backward, clip, AdamW step, log; every ``eval_every`` steps the workers score the
-validation text together, rank 0 writes ``metrics.jsonl`` and ``loss.png`` into the run directory,
-and a checkpoint is reported to Ray Train, which keeps the best ``keep`` by validation bpc plus
-the latest.
+Reads top to bottom. ``train`` (the driver) checks the data, the run directory and the cluster's
+capacity, then hands Ray Train a Ray Data dataset of pieces of windows. ``train_loop`` runs on
+every worker: restore the newest checkpoint if there is one, then one ``for`` loop over
+``agreed_batches`` (the batches every worker agrees to train on, and where all of them stop): set
+the LR (warmup, then cosine over the step or time budget), forward with the LSTM state carried
+from the previous batch of the same text streams (truncated BPTT, as char-rnn trains;
+``--shuffle-windows`` starts each window from zero instead), backward, clip, AdamW step, log;
+every ``eval_every`` steps ``Reporter`` has the workers score the validation text together, and
+rank 0 writes ``metrics.jsonl`` and ``loss.png`` into the run directory and reports a checkpoint
+to Ray Train, which keeps the best ``keep`` by validation bpc plus the latest.
 
-On restart the step counter, optimizer state and LR schedule continue from the checkpoint; the
-data position does not: a restarted worker begins a new epoch of its shard at a new random offset.
+On restart (``--resume``, or Ray Train's after a failure) the workers load the newest intact
+checkpoint in the run directory; the step counter, optimizer state and LR schedule continue from
+it; the data position does not: a restarted worker begins a new epoch of its shard at a new random offset.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, default_precisio
 from lstmgen.windows import SplitReader, Stream, collate, pieces_of, window_ids
 
 PIECE_WINDOWS = 4096  # the most windows in a piece a worker reads at a time (256 K characters at seq_len 64)
+NOTICE_EVERY_S = 1.0  # how often the workers ask Ray Train for a reclaim notice (a spot node's drain)
+RECLAIM_GRACE_S = 30.0  # after a notice's deadline, how long to wait for the reclaim before training on
 RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "precision", "max_failures", "eval_every", "log_every", "keep",
              "wait_timeout", "shared_fs")
 
@@ -56,9 +59,13 @@ def train(cfg: TrainConfig) -> dict:
     capacity.require_shared_storage({"--data": cfg.data, "--run": cfg.run}, cfg.shared_fs)
     bundle, use_gpu = capacity.bundle_for(cfg.gpu)
     capacity.require("train", bundle, cfg.workers, cfg.wait_timeout)
-    run_lease = lease.acquire(cfg.run)  # one writer per run
+    run_lease = lease.acquire(cfg.run)  # one writer per run; losing it interrupts this thread
     try:
         return _run_trainer(cfg, vocab, manifest, bundle, use_gpu)
+    except KeyboardInterrupt:
+        if run_lease.lost:
+            raise LstmgenError(run_lease.lost) from None
+        raise
     finally:
         run_lease.release()
 
@@ -69,7 +76,6 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
     from ray.train.torch import TorchTrainer
 
     _save_run(cfg, vocab)
-    newest = checkpoint.latest_intact(cfg.run) if cfg.resume else None
 
     fs, run_path = storage.resolve(cfg.run)
     storage_path, name = run_path.rsplit("/", 1)
@@ -92,8 +98,7 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if embedded() else 0
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
-                   "threads": threads, "cluster": not embedded(),
-                   "resume_from": {"path": newest.path, "step": newest.step} if newest else None}
+                   "threads": threads, "cluster": not embedded()}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -167,13 +172,13 @@ def _save_run(cfg: TrainConfig, vocab: Vocab) -> None:
 # On every worker
 
 
-def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+def lr_at(cfg: TrainConfig, step: int, budget_used: float) -> float:
     """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``lr * lr_floor`` as
-    ``progress`` (the larger of step and time fractions) goes to 1."""
+    ``budget_used`` (the larger of the step and time fractions) goes to 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     floor = cfg.lr_floor
-    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, budget_used))))
 
 
 @dataclass
@@ -184,16 +189,24 @@ class Progress:
     elapsed: float = 0.0  # training seconds before this (re)start
     resumed_from: int = 0  # the step this attempt started from (0: a fresh run)
     history: list[dict] = field(default_factory=list)  # one metrics row per evaluation
+    started: float = field(default_factory=time.time)  # when this attempt started (not saved)
+
+    def seconds(self) -> float:
+        """Training seconds so far, over every attempt."""
+        return self.elapsed + time.time() - self.started
 
 
 @dataclass
-class Window:
+class LossMeter:
     """Training loss and throughput since the last metrics row."""
 
     bits: float = 0.0
     steps: int = 0
     chars: int = 0
     start: float = field(default_factory=time.time)
+
+    def add(self, bpc: float, chars: int) -> None:
+        self.bits, self.steps, self.chars = self.bits + bpc, self.steps + 1, self.chars + chars
 
     def bpc(self) -> float:
         return self.bits / max(1, self.steps)
@@ -220,130 +233,170 @@ def train_loop(config: dict) -> None:
     if config["cluster"]:
         _print_worker_nodes(ray.get_runtime_context().get_node_id(), rank, world)
 
-    # Model and optimizer, restored from the newest checkpoint when there is one.
+    # model and optimizer, restored from the newest checkpoint when there is one
     model_cfg = ModelConfig(vocab_size=len(vocab), embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers,
                             dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell, weight_drop=cfg.weight_drop)
     model = CharLSTM(model_cfg)
-    state, run = _restore(ray.train.get_checkpoint(), config["resume_from"])  # Ray: its record of the run
+    state, progress = _restore(cfg.run, rank, world)
     if state is not None:
         model.load_state_dict(state["model"])
         if rank == 0:
-            print(f"train: resumed from step {run.step}")
+            print(f"train: resumed from step {progress.step}", flush=True)
     model = ray.train.torch.prepare_model(model)  # Ray: DistributedDataParallel on the right device
-    raw = model.module if hasattr(model, "module") else model
-    opt = raw.optimizer(cfg.lr, cfg.weight_decay)
+    raw_model = model.module if hasattr(model, "module") else model
+    opt = raw_model.optimizer(cfg.lr, cfg.weight_decay)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-
-    shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the pieces of windows
-    train_split = SplitReader(cfg.data, "train")  # reads the windows of a piece
-    valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read from Parquet at each evaluation
     precision = cfg.precision or default_precision(device)  # decided here: each node's own hardware
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # see model.py, "Precision"
     if rank == 0:
         print(f"train: {precision} on {device.type}" + ("" if cfg.precision else " (--precision: the default here)"))
-    budget, t_start = cfg.max_minutes * 60, time.time()
-    window, saved_step = Window(), run.step  # the loss since the last metrics row; the newest checkpoint's step
 
-    def agree(have_batch: bool) -> tuple[float, bool]:
-        """One all-reduce per step: every worker learns the furthest progress (so all stop
-        together) and whether every worker has a next batch (so an epoch ends for all when
-        the shortest shard runs out; none waits in the gradient all-reduce while another
-        waits at Ray Data's epoch barrier)."""
-        p = max(run.step / cfg.max_steps, (run.elapsed + time.time() - t_start) / budget if budget else 0.0)
-        if world == 1:
-            return p, have_batch
-        t = torch.tensor([p, 0.0 if have_batch else 1.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t[0].item(), t[1].item() == 0.0
+    # data: this worker's pieces of the windows, read from Parquet as the streams need them
+    shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the pieces
+    train_split = SplitReader(cfg.data, "train")
+    valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read at each evaluation
+    rng = np.random.default_rng(cfg.seed + progress.step)  # the same on every worker
+    reporter = Reporter(cfg, rank, world, device, raw_model, opt, model_cfg, vocab, seq_len, valid)
 
-    def evaluate_and_report(lr: float, save: bool) -> None:
-        """Validation bpc (every worker scores its share of the rows), then the metrics row and,
-        when ``save``, a checkpoint (rank 0 writes both)."""
-        nonlocal window
-        row = {"step": run.step, "train_bpc": window.bpc() if window.steps else run.history[-1]["train_bpc"],
-               "lr": lr, "chars_per_s": window.chars_per_s(), "elapsed_s": run.elapsed + time.time() - t_start,
-               "resumed_from": run.resumed_from, "workers": world}
-        if valid is not None:
-            part = torch.tensor(carried_bits(raw, valid.rows(16, cfg.val_chars), device=str(device), part=(rank, world)),
-                                dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(part)
-            row["val_bpc"] = float(part[0] / part[1])
-        row.setdefault("val_bpc", row["train_bpc"])  # no valid split: rank by training loss
-        run.history.append(row)
-        if rank != 0:
-            ray.train.report(row)  # Ray: every worker reports; rank 0's checkpoint is the one kept
-        else:
-            _publish(cfg, run, row, raw, opt, model_cfg, vocab, seq_len, save)
-        window = Window()
+    def epoch():
+        return epoch_batches(shard, train_split, cfg, seq_len, rng)
 
-    rng = np.random.default_rng(cfg.seed + run.step)  # the same on every worker
-    progress, done, lr = 0.0, False, cfg.lr
-    while not done:
-        batches, carried, epoch_steps = epoch_batches(shard, train_split, cfg, seq_len, rng), None, 0
-        batch = next(batches, None)
-        progress, go = agree(batch is not None)
-        done = progress >= 1.0
-        while go and not done:
-            # lr: warmup, then cosine over the step or time budget
-            lr = lr_at(cfg, run.step, progress)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # forward (the LSTM state carried over from the previous batch of the same streams)
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            model.train()
-            with amp:
-                logits, carried = model(x, carried if cfg.carry_state else None)
-                loss = bits_per_char(logits.float(), y)
-            carried = detach(carried)
-            # backward (DDP all-reduces the gradients), clip, step
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            run.step, epoch_steps = run.step + 1, epoch_steps + 1
-            window.bits, window.steps, window.chars = window.bits + loss.item(), window.steps + 1, window.chars + x.numel() * world
-            _maybe_inject_failure(run.step)
-            # next batch, and whether every worker goes on
+    def budget_used() -> float:  # the larger of the step and time fractions of the budget
+        return max(progress.step / cfg.max_steps, progress.seconds() / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0)
+
+    losses, carried, lr, saved_step = LossMeter(), None, cfg.lr, progress.step
+    progress.started = time.time()  # the time budget counts training, not the set-up above
+    notice = ray.train.get_preemption_info  # Ray: a node of this run is about to be reclaimed (spot)
+    for (x, y), used, reclaim in agreed_batches(epoch, budget_used, notice, cfg, world, device):
+        # a reclaim notice: checkpoint now, then take no step the reclaim would throw away
+        if reclaim is not None:
+            if progress.step > saved_step:
+                reporter.evaluate_and_report(progress, losses, lr, save=True)
+                losses, saved_step = LossMeter(), progress.step
+            _hold_until_reclaimed(reclaim, progress.step, rank)
+        # lr: warmup, then cosine over the step or time budget
+        lr = lr_at(cfg, progress.step, used)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # forward, from the LSTM state the previous batch of the same streams left
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        model.train()
+        with amp:
+            logits, carried = model(x, carried if cfg.carry_state else None)
+            loss = bits_per_char(logits.float(), y)
+        carried = detach(carried)  # the state goes on to the next batch; its gradient stops here (truncated BPTT)
+        # backward (DDP all-reduces the gradients), clip, step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        progress.step += 1
+        losses.add(loss.item(), x.numel() * world)
+        _maybe_inject_failure(progress.step)
+        # log
+        if rank == 0 and progress.step % cfg.log_every == 0:
+            _log(progress.step, used, losses, lr)
+        # evaluate, write the metrics row, checkpoint
+        save = progress.step % cfg.checkpoint_interval == 0
+        if save or progress.step % cfg.eval_every == 0:
+            reporter.evaluate_and_report(progress, losses, lr, save)
+            losses, saved_step = LossMeter(), progress.step if save else saved_step
+
+    # the budget is used up: the steps since the last checkpoint get theirs
+    if progress.step > saved_step:
+        if rank == 0 and progress.step % cfg.log_every:
+            _log(progress.step, 1.0, losses, lr)
+        reporter.evaluate_and_report(progress, losses, lr, save=True)
+
+
+def _log(step: int, used: float, losses: LossMeter, lr: float) -> None:
+    print(f"step {step:6d} | {100 * min(1.0, used):5.1f}% | train {losses.bpc():.3f} bpc"
+          f" | lr {lr:.2e} | {losses.chars_per_s() / 1e3:.1f}k chars/s", flush=True)
+
+
+def agreed_batches(epoch, budget_used, notice, cfg: TrainConfig, world: int, device: torch.device):
+    """The batches every worker trains on, step by step, for as long as all of them go on; yields
+    ``(batch, budget_used, reclaim)``.
+
+    Before each step one all-reduce lets every worker learn three things: the largest budget used
+    (step or time fraction) on any worker, so that all stop at the same step; whether every worker
+    has a next batch, so that an epoch ends for all when the shortest shard runs out and no worker
+    waits in the gradient all-reduce while another waits at Ray Data's epoch barrier; and whether
+    ``NOTICE_EVERY_S`` has passed on any worker since the workers last asked ``notice()`` (Ray
+    Train's reclaim notice, which every worker must ask at the same step). ``reclaim`` is that
+    notice, yielded once, with the first batch after it; otherwise None. Between epochs each
+    worker reads the rest of its shard (Ray Data starts the next epoch when every worker has) and
+    ``epoch()`` starts the next one.
+    """
+    asked, noticed = time.time(), False
+    while True:
+        batches, steps = epoch(), 0
+        while True:
             batch = next(batches, None)
-            progress, go = agree(batch is not None)
-            done = progress >= 1.0
-            # log
-            if rank == 0 and (run.step % cfg.log_every == 0 or done):
-                print(f"step {run.step:6d} | {100 * progress:5.1f}% | train {window.bpc():.3f} bpc"
-                      f" | lr {lr:.2e} | {window.chars_per_s() / 1e3:.1f}k chars/s", flush=True)
-            # eval and checkpoint
-            save = run.step % cfg.checkpoint_interval == 0 or done
-            if run.step % cfg.eval_every == 0 or save:
-                evaluate_and_report(lr, save)
-                saved_step = run.step if save else saved_step
-        if done:
-            break
-        for _ in batches:  # read the rest of this epoch: Ray Data starts the next when every worker has
+            used, everyone_has_one, ask = _agree(budget_used(), batch is not None, time.time() - asked >= NOTICE_EVERY_S,
+                                                 world, device)
+            if used >= 1.0:
+                return
+            if not everyone_has_one:
+                break
+            reclaim = None
+            if ask and not noticed:
+                reclaim, asked = notice(), time.time()
+                noticed = reclaim is not None
+            yield batch, used, reclaim
+            steps += 1
+        for _ in batches:  # the rest of this worker's epoch
             pass
-        if epoch_steps == 0:  # every worker sees the same agreed count, so all stop here together
+        if steps == 0:  # every worker counts the same agreed steps, so all stop here together
             raise LstmgenError(f"{cfg.data}: an epoch gave some worker no batch of {cfg.batch_size}; "
                                "lower --batch-size or --workers")
-    if run.step > saved_step:  # the budget ran out between epochs: the last steps still get their checkpoint
-        evaluate_and_report(lr, save=True)
 
 
-def _restore(restored, newest: dict | None) -> tuple[dict | None, Progress]:
-    """The state to start from: Ray Train's checkpoint (after a worker-group restart, or its record
-    of the run), or with ``--resume`` the newest intact one in the run directory when that is newer
-    (Ray's record lags a driver that was killed)."""
-    state, history = None, []
-    if restored:
-        with restored.as_directory() as d:
-            state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True)
-            history = json.loads((Path(d) / "meta.json").read_text()).get("history", [])
-    if newest and (state is None or newest["step"] > state["step"]):
-        loaded = checkpoint.load(newest["path"])
-        state, history = loaded.state, loaded.meta.get("history", [])
-    if state is None:
+def _agree(used: float, have_batch: bool, ask: bool, world: int, device: torch.device) -> tuple[float, bool, bool]:
+    """The per-step all-reduce (MAX): the largest budget used, whether some worker lacks a batch,
+    and whether some worker wants the reclaim notice asked for."""
+    if world == 1:
+        return used, have_batch, ask
+    t = torch.tensor([used, 0.0 if have_batch else 1.0, 1.0 if ask else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0].item(), t[1].item() == 0.0, t[2].item() == 1.0
+
+
+def _hold_until_reclaimed(reclaim, step: int, rank: int) -> None:
+    """After a reclaim notice's checkpoint, take no more steps: whatever is trained now would go
+    with the node. Ray Train ends the workers at the notice's deadline and restarts the run on the
+    nodes that remain, from that checkpoint (``_restore``). If the node is still here
+    ``RECLAIM_GRACE_S`` after the deadline (the reclaim did not come), training goes on."""
+    deadline = reclaim.deadline_ms / 1000 if reclaim.deadline_ms else time.time()
+    if rank == 0:
+        print(f"train: reclaim notice for worker(s) {reclaim.preempted_ranks}; checkpoint at step {step}, "
+              f"waiting {max(0.0, deadline - time.time()):.0f} s for the node to go", flush=True)
+    while time.time() < deadline + RECLAIM_GRACE_S:
+        time.sleep(0.2)
+    if rank == 0:
+        print("train: the reclaim did not come; training goes on", flush=True)
+
+
+def _restore(run: str, rank: int, world: int) -> tuple[dict | None, Progress]:
+    """The state to start from: the newest intact checkpoint in the run directory (its model.pt
+    matches its meta.json), whoever restarts the run: ``--resume``, or Ray Train after a worker
+    group restart. Ray Train's own record (``ray.train.get_checkpoint()``) can lag: its controller
+    registers a reported checkpoint only when it next polls the workers, so one reported just
+    before a node is lost is whole in the run directory and unknown to Ray. Rank 0 chooses, so
+    every worker loads the same one."""
+    chosen = [None]
+    if rank == 0:
+        newest = checkpoint.latest_intact(run)
+        chosen = [newest.path if newest else None]
+    if world > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
         return None, Progress()
-    return state, Progress(step=state["step"], elapsed=state["elapsed"], resumed_from=state["step"], history=history)
+    loaded = checkpoint.load(chosen[0])
+    state = loaded.state
+    return state, Progress(step=state["step"], elapsed=state["elapsed"], resumed_from=state["step"],
+                           history=loaded.meta.get("history", []))
 
 
 def _print_worker_nodes(node: str, rank: int, world: int) -> None:
@@ -364,11 +417,11 @@ def epoch_batches(shard, train_split: SplitReader, cfg: TrainConfig, seq_len: in
     time, so the LSTM state is carried from one batch to the next (truncated backpropagation
     through time, as char-rnn trains). A stream takes the shard's next piece when it runs out, so
     memory is a piece or two per stream whatever the corpus size. Where a stream moves on to its
-    next piece it jumps to another place in the text, and its state is carried across the jump as
-    across an article boundary: the first characters after it are predicted from unrelated
-    context, which costs a little loss and asks nothing the model does not already meet at every
-    article start. Each epoch starts the streams at a random offset, so batch boundaries move from
-    epoch to epoch; the epoch ends when a stream finds no piece left.
+    next piece, and where the next epoch starts, it jumps to another place in the text, and its
+    state is carried across the jump as across an article boundary: the first characters after it
+    are predicted from unrelated context, which costs a little loss and asks nothing the model does
+    not already meet at every article start. Each epoch starts the streams at a random offset, so
+    batch boundaries move from epoch to epoch; the epoch ends when a stream finds no piece left.
 
     Otherwise: each piece's windows shuffled, in batches that each start from zero state (the
     pieces come in a new order every epoch).
@@ -391,30 +444,71 @@ def epoch_batches(shard, train_split: SplitReader, cfg: TrainConfig, seq_len: in
         yield ids[:, :-1], ids[:, 1:]
 
 
-def _publish(cfg: TrainConfig, run: Progress, row: dict, raw: CharLSTM, opt, model_cfg: ModelConfig,
-             vocab: list[str], seq_len: int, save: bool) -> None:
-    """Rank 0: metrics.jsonl and loss.png into the run directory, and the row (with a checkpoint
-    when ``save``) to Ray Train, which persists the checkpoint and keeps the best ``--keep``."""
-    import ray.train
+@dataclass
+class Reporter:
+    """Evaluation and reporting on every worker: each scores its share of the validation rows,
+    then rank 0 writes the metrics row and, when asked, the checkpoint."""
 
-    print(f"step {run.step:6d} | valid {row['val_bpc']:.3f} bpc", flush=True)
-    storage.write_text(storage.join(cfg.run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.history))
-    try:
-        from lstmgen.report import plot
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    raw_model: CharLSTM
+    opt: torch.optim.Optimizer
+    model_cfg: ModelConfig
+    vocab: list[str]
+    seq_len: int
+    valid: SplitReader | None
 
-        plot(run.history, cfg.run)
-    except Exception as exc:  # a plot must never stop training
-        print(f"train: could not plot ({exc})")
-    if not save:
-        ray.train.report(row)  # Ray
-        return
-    with tempfile.TemporaryDirectory() as d:
-        state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": run.step, "elapsed": row["elapsed_s"]}
-        meta = {"step": run.step, "metrics": row, "history": run.history, "train": asdict(cfg),
-                "model": asdict(model_cfg), "vocab": vocab, "seq_len": seq_len}
-        checkpoint.save(d, state, meta)
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),  # Ray: persisted to the run directory
-                         checkpoint_dir_name=checkpoint.checkpoint_name(run.step))
+    def evaluate_and_report(self, progress: Progress, losses: LossMeter, lr: float, save: bool) -> None:
+        """Validation bpc (the rows split between the workers), the metrics row, and a checkpoint
+        when ``save``."""
+        import ray.train
+
+        train_bpc = losses.bpc() if losses.steps else progress.history[-1]["train_bpc"]
+        row = {"step": progress.step, "train_bpc": train_bpc, "train_steps": losses.steps, "lr": lr,
+               "chars_per_s": losses.chars_per_s(), "elapsed_s": progress.seconds(), "resumed_from": progress.resumed_from,
+               "workers": self.world}
+        row["val_bpc"] = self._validation_bpc() if self.valid is not None else train_bpc  # no valid split: rank by training loss
+        progress.history.append(row)
+        if self.rank != 0:
+            ray.train.report(row)  # Ray: every worker reports; rank 0's checkpoint is the one kept
+        else:
+            self._publish(progress, row, save)
+
+    def _validation_bpc(self) -> float:
+        part = carried_bits(self.raw_model, self.valid.rows(16, self.cfg.val_chars), device=str(self.device),
+                            part=(self.rank, self.world))
+        total = torch.tensor(part, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    def _publish(self, progress: Progress, row: dict, save: bool) -> None:
+        """Rank 0: metrics.jsonl and loss.png into the run directory, and the row (with a checkpoint
+        when ``save``) to Ray Train, which persists the checkpoint and keeps the best ``--keep``."""
+        import ray.train
+
+        cfg = self.cfg
+        print(f"step {progress.step:6d} | valid {row['val_bpc']:.3f} bpc", flush=True)
+        storage.write_text(storage.join(cfg.run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in progress.history))
+        try:
+            from lstmgen.report import plot
+
+            plot(progress.history, cfg.run)
+        except Exception as exc:  # a plot must never stop training
+            print(f"train: could not plot ({exc})")
+        if not save:
+            ray.train.report(row)  # Ray
+            return
+        with tempfile.TemporaryDirectory() as d:
+            state = {"model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(), "step": progress.step,
+                     "elapsed": row["elapsed_s"]}
+            meta = {"step": progress.step, "metrics": row, "history": progress.history, "train": asdict(cfg),
+                    "model": asdict(self.model_cfg), "vocab": self.vocab, "seq_len": self.seq_len}
+            checkpoint.save(d, state, meta)
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),  # Ray: persisted to the run directory
+                             checkpoint_dir_name=checkpoint.checkpoint_name(progress.step))
 
 
 def _maybe_inject_failure(step: int) -> None:

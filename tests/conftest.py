@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,31 @@ def s3(tmp_path_factory):
     server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def corpora(ray_local, tmp_path_factory):
+    """The WikiText-2 test split whole (1.29 M characters) and its first tenth, prepared with
+    seq_len 16 and small chunks (many files and row groups), and no validation split."""
+    from lstmgen.config import PrepareConfig
+    from lstmgen.prepare import prepare
+
+    text = wiki_text(2_000_000)
+    out = {}
+    for name, chars in (("small", len(text) // 10), ("large", len(text))):
+        root = tmp_path_factory.mktemp(name)
+        (root / "corpus.txt").write_text(text[:chars], encoding="utf-8")
+        prepare(PrepareConfig(out=str(root / "data"), corpus=[str(root / "corpus.txt")], seq_len=16, chunk_mb=0.03,
+                              valid_fraction=0.0))
+        out[name] = (str(root / "data"), text[:chars])
+    return out
+
+
+def peak_traced(fn) -> int:
+    """The peak of Python's traced allocations while ``fn`` runs."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

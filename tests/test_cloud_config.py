@@ -53,6 +53,8 @@ def test_token_auth_and_imdsv2_on_every_node():
         starts = [c for c in commands if "ray start" in c]
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), starts
     assert "~/.ray/auth_token" in config["file_mounts"]  # the token every node and `lstmgen submit` read
+    watchers = [c for c in config["worker_start_ray_commands"] if "lstmgen.spot" in c]  # the spot reclaim watcher
+    assert len(watchers) == 1 and "RAY_AUTH_MODE=token" in watchers[0] and watchers[0].rstrip().endswith("&"), watchers
     for name, node in config["available_node_types"].items():
         assert node["node_config"]["MetadataOptions"]["HttpTokens"] == "required", name
 

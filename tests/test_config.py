@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lstmgen.config import TrainConfig, default, train_config
+from lstmgen.config import PRESETS, TrainConfig, default, train_config
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
 from lstmgen.train import _reconcile_run, _save_run
@@ -46,6 +46,14 @@ def test_presets_are_overridden_by_flags_and_recorded_as_not_given():
     assert cfg.hidden == 128 and cfg.layers == 2 and cfg.given == ["hidden"]
     with pytest.raises(LstmgenError, match="unknown --preset"):
         train_config("huge", data="d", run="r")
+
+
+def test_presets_hold_only_what_differs_from_the_defaults():
+    defaults = TrainConfig(data="d", run="r")
+    for name, values in PRESETS.items():
+        same = {key: value for key, value in values.items() if getattr(defaults, key) == value}
+        assert not same, f"--preset {name} restates defaults: {same}"
+    assert train_config("cpu-10min", data="d", run="r").__dict__ == {**defaults.__dict__, "preset": "cpu-10min"}
 
 
 def test_the_help_shows_the_dataclass_defaults():

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 
 from .conftest import one_line_error, run_cli
@@ -178,6 +179,10 @@ def test_quick_start_pipeline_runs_every_stage(wiki_slice, tmp_path):
                 "--prime", "The ", cwd=tmp_path, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert (tmp_path / "qs" / "data" / "manifest.json").exists() and (tmp_path / "qs" / "run" / "loss.png").exists()
+    # the quick start trains on the defaults: what it saved differs only where --minutes and the paths say
+    saved = json.loads((tmp_path / "qs" / "run" / "train_config.json").read_text())
+    defaults = TrainConfig(data="", run="").__dict__
+    assert {k for k in defaults if saved[k] != defaults[k]} == {"data", "run", "max_minutes", "given"}, saved
     body = r.stdout.rsplit("\n\npipeline:", 1)
     assert len(body) == 2 and "lstmgen report" in body[1]
     sample = body[0].split("--- sample: the prime and 60 generated characters ---\n", 1)[1]

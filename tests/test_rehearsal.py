@@ -79,7 +79,7 @@ def _submit_timed_run(env: dict, run: str, workers: str, minutes: str) -> str:
     return r.stdout.strip().splitlines()[0]
 
 
-def _while_running(cluster, s3, job_id: str, predicate, timeout: float, what: str):
+def _while_running(cluster, s3, job_id: str, predicate, timeout: float, what: str, every: float = 0.5):
     """Wait for ``predicate`` while the job runs; if the job ends first or the time runs out, fail
     with what explains it: the job's status and log, the worker nodes, the autoscaler's log."""
     deadline, checked = time.time() + timeout, time.time()
@@ -94,7 +94,7 @@ def _while_running(cluster, s3, job_id: str, predicate, timeout: float, what: st
             pytest.fail(f"no {what} after {timeout - (deadline - time.time()):.0f} s; job {status or '?'}; "
                         f"worker nodes {cluster.nodes()}\n--- job log ---\n{logs[-5000:]}\n"
                         f"--- autoscaler ---\n{autoscaler}")
-        time.sleep(0.5)
+        time.sleep(every)
     return value
 
 
@@ -118,23 +118,45 @@ def test_train_scales_from_zero_onto_two_nodes_and_back(cluster, s3):
     _wait(lambda: not cluster.nodes(), 120, "idle worker nodes to be terminated")
 
 
-def test_a_lost_node_costs_at_most_one_checkpoint_interval(cluster, s3):
+def test_a_node_lost_just_after_a_checkpoint_resumes_from_that_checkpoint(cluster, s3):
     env, run = _env(cluster, s3), "runs/lost"
     job_id = _submit_timed_run(env, run, "2", "1")
     _while_running(cluster, s3, job_id, lambda: len(_checkpoints(s3, run)) >= 2, 420, "two checkpoints")
     nodes = _worker_nodes(run_cli("jobs", "logs", job_id, env=env).stdout)
-    # The newest one on S3 may not be registered with Ray Train yet; the one before it is.
-    registered = _checkpoints(s3, run)[-2]
-    assert cluster.kill_node(nodes[1]) > 0  # a spot reclaim: the raylet and its workers SIGKILLed
-    killed_at = time.time()
+    # Just after the newest checkpoint is complete on S3, before Ray Train's controller has
+    # registered it: the restart must still find it.
+    newest = _checkpoints(s3, run)[-1]
+    _while_running(cluster, s3, job_id, lambda: _checkpoints(s3, run)[-1] > newest, 120, "the next checkpoint", every=0.1)
+    newest = _checkpoints(s3, run)[-1]
+    assert cluster.kill_node(nodes[1]) > 0  # the raylet and its workers SIGKILLed, no warning
     logs = _logs_once_succeeded(cluster, s3, job_id)
     rows = _metrics(s3, run)
     assert rows[-1]["elapsed_s"] >= 50  # the time budget was trained (by the fastest worker's clock)
     resumed = {row["resumed_from"] for row in rows} - {0}
-    assert len(resumed) == 1 and resumed.pop() >= registered, (rows, logs[-5000:])  # at most one interval lost
+    assert len(resumed) == 1 and resumed.pop() >= newest, (newest, rows, logs[-5000:])
     assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})
     assert nodes[1] not in _worker_nodes(logs.split("resumed from step")[-1]).values()  # the replacement is another node
-    print(f"node lost {time.time() - killed_at:.0f} s before the job ended; resumed from step {rows[-1]['resumed_from']}")
+
+
+def test_a_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_that_step(cluster, s3):
+    env, run = _env(cluster, s3), "runs/notice"
+    r = run_cli("submit", "train", "--gpu", "--workers", "2", "--data", DATA, "--run", f"s3://{BUCKET}/{run}",
+                "--max-steps", "2500", "--hidden", "32", "--eval-every", "100000", "--log-every", "50", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    job_id = r.stdout.strip().splitlines()[0]
+    logs = lambda: run_cli("jobs", "logs", job_id, env=env).stdout  # noqa: E731
+    _while_running(cluster, s3, job_id, lambda: "step    100 |" in logs(), 420, "step 100")
+    node = _worker_nodes(logs())[1]
+    # The watcher finds no notice (404) a few times, then the notice: 20 s to the reclaim.
+    killed_at = cluster.reclaim(node, notice_s=20, quiet_polls=3)
+    text = _logs_once_succeeded(cluster, s3, job_id)
+    noticed = re.search(r"reclaim notice for worker\(s\) \[[\d, ]+\]; checkpoint at step (\d+)", text)
+    assert noticed, text[-5000:]
+    step = int(noticed.group(1))
+    rows = _metrics(s3, run)
+    assert rows[0]["step"] == step and rows[-1]["step"] == 2500, rows  # the notice's checkpoint was the first
+    assert {row["resumed_from"] for row in rows[1:]} == {step}, rows  # resumed from exactly that step: nothing lost
+    print(f"reclaim notice at step {step}; node killed at {killed_at:.0f}; resumed from step {rows[-1]['resumed_from']}")
 
 
 def test_resume_after_the_driver_is_killed_on_the_cluster(cluster, s3):
