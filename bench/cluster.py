@@ -3,14 +3,20 @@ types as separate raylets on this machine, the real autoscaler, SeaweedFS for S3
 
 1. seconds from ``lstmgen submit train --gpu --workers 2`` to the first training step, starting
    from zero worker nodes (the autoscaler starts two);
-2. a node killed (raylet SIGKILL, as a spot reclaim looks) mid-run at several checkpoint
+2. a node killed without notice (raylet SIGKILL) at a random moment, at several checkpoint
    intervals: steps and seconds of work lost, and the downtime until training runs again;
-3. training chars/s with 1, 2 and 4 workers, one per simulated node.
+3. a spot reclaim with notice (``Rehearsal.reclaim``: the node's watcher reads a fake instance
+   metadata notice, drains the node, the node is killed at the deadline): the step of the notice's
+   checkpoint, the step resumed from, the training lost, and the downtime from the notice and from
+   the kill to the next step;
+4. what the per-step reclaim check costs: the workers' per-step all-reduce with and without the
+   third value, and one ``ray.train.get_preemption_info()`` call (2 workers, embedded Ray);
+5. training chars/s with 1, 2 and 4 workers, one per simulated node.
 
 All nodes share this machine's cores, so (3) shows what the data-parallel plumbing costs, not
 how a real cluster scales.
 
-    python bench/cluster.py [--intervals 50,200] [--seconds 45]
+    python bench/cluster.py [--intervals 50,200] [--notice 30] [--seconds 45]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -103,7 +110,7 @@ def lost_node(cluster, env: dict, interval: int, s3) -> dict:
     while len(checkpoints()) < 2:
         check_running(env, job, "")
         time.sleep(0.5)
-    time.sleep(interval / 2 / 15)  # about half an interval on (~15 steps/s here)
+    time.sleep(random.uniform(0, interval / 15))  # a random moment within the next interval (~15 steps/s here)
     text = logs(env, job)
     nodes = {int(r): n for r, n in re.findall(r"train: worker (\d+) of \d+ on node ([0-9a-f]+)", text)}
     rate = re.findall(r"\| ([\d.]+)k chars/s", text)
@@ -126,6 +133,71 @@ def lost_node(cluster, env: dict, interval: int, s3) -> dict:
             "work_lost_s": lost / steps_per_s, "downtime_s": downtime}
 
 
+def reclaim(cluster, env: dict, notice_s: float) -> dict:
+    """A reclaim with notice, ``notice_s`` ahead, of the node of worker 1, at a random moment."""
+    job = submit(env, "notice", "--workers", "2", "--max-steps", "1000000", "--max-minutes", "1.5",
+                 "--eval-every", "200", "--max-failures", "3")
+    while not steps_in(text := logs(env, job)):
+        check_running(env, job, text)
+        time.sleep(0.5)
+    time.sleep(random.uniform(5, 15))
+    node = {int(r): n for r, n in re.findall(r"train: worker (\d+) of \d+ on node ([0-9a-f]+)", logs(env, job))}[1]
+    noticed = time.time()
+    killed = cluster.reclaim(node, notice_s)  # blocks until the node is killed at the deadline
+    while True:  # training runs again: a step line after "resumed from step"
+        text = logs(env, job)
+        after = text.split("resumed from step")
+        if len(after) > 1 and steps_in(after[-1]):
+            break
+        check_running(env, job, text)
+        time.sleep(0.5)
+    back = time.time()
+    saved = int(re.findall(r"reclaim notice for worker\(s\) \[[\d, ]+\]; checkpoint at step (\d+)", text)[-1])
+    before = text.split("resumed from step")[-2]
+    last_step = max(steps_in(before))  # the last step trained before the node went
+    resumed = int(re.findall(r"resumed from step (\d+)", text)[-1])
+    rate = re.findall(r"\| ([\d.]+)k chars/s", before)
+    steps_per_s = float(rate[-1]) * 1e3 / (2 * 32 * 64) if rate else float("nan")
+    wait_end(env, job)
+    return {"notice_s": notice_s, "checkpoint": saved, "last_step": last_step, "resumed": resumed,
+            "steps_lost": last_step - resumed, "work_lost_s": (last_step - resumed) / steps_per_s,
+            "from_notice_s": back - noticed, "from_kill_s": back - killed}
+
+
+def notice_cost(rounds: int = 3) -> dict:
+    """Per-call cost of the workers' per-step all-reduce (2 and 3 values) and of Ray Train's
+    reclaim notice, measured inside a 2-worker Ray Train run on an embedded Ray."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def measure(config: dict) -> None:
+        import torch
+        import torch.distributed as dist
+
+        out = {}
+        for _ in range(config["rounds"]):  # interleaved, this machine is noisy
+            for values in (2, 3):
+                t = torch.zeros(values)
+                t0 = time.perf_counter()
+                for _ in range(2000):
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                out.setdefault(f"allreduce{values}", []).append((time.perf_counter() - t0) / 2000)
+            t0 = time.perf_counter()
+            for _ in range(200):
+                ray.train.get_preemption_info()
+            out.setdefault("notice", []).append((time.perf_counter() - t0) / 200)
+        ray.train.report({k: sorted(v)[len(v) // 2] for k, v in out.items()})
+
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        result = TorchTrainer(measure, train_loop_config={"rounds": rounds},
+                              scaling_config=ray.train.ScalingConfig(num_workers=2)).fit()
+        return dict(result.metrics)
+    finally:
+        ray.shutdown()
+
+
 def throughput(cluster, env: dict, workers: int, seconds: float, s3) -> float:
     run = f"speed{workers}"
     job = submit(env, run, "--workers", str(workers), "--max-steps", "1000000", "--max-minutes", str(seconds / 60),
@@ -138,8 +210,13 @@ def throughput(cluster, env: dict, workers: int, seconds: float, s3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--intervals", default="50,200", help="checkpoint intervals (steps) for the lost-node runs")
+    parser.add_argument("--notice", type=float, default=30, help="seconds of notice before a reclaim")
     parser.add_argument("--seconds", type=float, default=45, help="training seconds per throughput run")
     args = parser.parse_args()
+    cost = notice_cost()
+    print(f"per-step all-reduce: {cost['allreduce2'] * 1e6:.0f} us with 2 values, {cost['allreduce3'] * 1e6:.0f} us with 3 "
+          f"(the reclaim check's); ray.train.get_preemption_info(): {cost['notice'] * 1e3:.2f} ms per call, asked once "
+          "a second")
     work = Path(tempfile.mkdtemp(prefix="lstmgen-bench-cluster-"))
     s3 = s3server.start(work / "s3")
     cluster = None
@@ -159,6 +236,10 @@ def main() -> None:
             r = lost_node(cluster, env, interval, s3)
             print(f"{r['interval']:>10}  {r['step_at_kill']:>12}  {r['resumed']:>8}  {r['steps_lost']:>10}  "
                   f"{r['work_lost_s']:>8.1f}s  {r['downtime_s']:>7.1f}s")
+        r = reclaim(cluster, env, args.notice)
+        print(f"reclaim with {r['notice_s']:.0f} s notice: checkpoint at step {r['checkpoint']}, last step trained "
+              f"{r['last_step']}, resumed from {r['resumed']}: {r['steps_lost']} steps lost ({r['work_lost_s']:.1f} s of "
+              f"training); next step {r['from_notice_s']:.1f} s after the notice, {r['from_kill_s']:.1f} s after the kill")
         rates = {n: throughput(cluster, env, n, args.seconds, s3) for n in (1, 2, 4)}
         print("workers  chars/s   vs 1 worker")
         for n, rate in rates.items():
