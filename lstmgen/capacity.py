@@ -134,6 +134,7 @@ def require(what: str, bundle: dict, count: int, wait_timeout: float, log=print)
                                    "raise --wait-timeout or ask for less")
             if time.time() - last >= PROGRESS_EVERY_S:
                 last = time.time()
+                request_resources(bundles=[bundle] * count)  # again: an autoscaler busy removing idle nodes may have passed it by
                 log(f"{what}: still waiting, {placed}/{count} placeable on {len(cap.nodes)} node(s) up "
                     f"({time.time() - t0:.0f} s of {wait_timeout:.0f} s)")
     finally:

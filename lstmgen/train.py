@@ -189,11 +189,11 @@ class Progress:
     elapsed: float = 0.0  # training seconds before this (re)start
     resumed_from: int = 0  # the step this attempt started from (0: a fresh run)
     history: list[dict] = field(default_factory=list)  # one metrics row per evaluation
-    started: float = field(default_factory=time.time)  # when this attempt started (not saved)
+    started: float | None = None  # when this attempt's training started (not saved)
 
     def seconds(self) -> float:
         """Training seconds so far, over every attempt."""
-        return self.elapsed + time.time() - self.started
+        return self.elapsed + (time.time() - self.started if self.started is not None else 0.0)
 
 
 @dataclass
@@ -263,10 +263,11 @@ def train_loop(config: dict) -> None:
         return epoch_batches(shard, train_split, cfg, seq_len, rng)
 
     def budget_used() -> float:  # the larger of the step and time fractions of the budget
+        if progress.started is None:
+            progress.started = time.time()  # the clock starts with the first batch: set-up is not training
         return max(progress.step / cfg.max_steps, progress.seconds() / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0)
 
     losses, carried, lr, saved_step = LossMeter(), None, cfg.lr, progress.step
-    progress.started = time.time()  # the time budget counts training, not the set-up above
     notice = ray.train.get_preemption_info  # Ray: a node of this run is about to be reclaimed (spot)
     for (x, y), used, reclaim in agreed_batches(epoch, budget_used, notice, cfg, world, device):
         # a reclaim notice: checkpoint now, then take no step the reclaim would throw away

@@ -13,6 +13,13 @@ from pathlib import Path
 import pytest
 
 WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+FIRST = ("test_rehearsal.py", "test_fault.py", "test_s3.py", "test_submit.py")  # the longest files, started first
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The longest test files first: the suite runs in two processes, one file at a time each
+    (pytest-xdist, --dist loadfile), and a long file started last would run on alone."""
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
 
 
 def wiki_text(chars: int) -> str:

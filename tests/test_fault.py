@@ -33,7 +33,7 @@ def test_worker_failure_resumes_from_the_checkpoint_reported_just_before(data, t
     # polls the workers and registers it, so Ray's own record is still checkpoint 20.
     run = tmp_path / "run"
     r = run_cli("train", "--data", str(data), "--run", str(run), "--workers", "2", "--max-steps", "60",
-                "--hidden", "64", "--eval-every", "20", "--max-failures", "1",
+                "--hidden", "32", "--eval-every", "20", "--max-failures", "1",
                 env={"LSTMGEN_FAIL_AT_STEP": "41", "LSTMGEN_FAIL_MARKER": str(tmp_path / "failed")})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "injected failure at step 41" in r.stdout + r.stderr
@@ -51,7 +51,7 @@ def test_resume_after_the_driver_is_killed(data, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
-        while not (run / "checkpoint_0000040" / "meta.json").exists():
+        while not (run / "checkpoint_0000020" / "meta.json").exists():
             assert time.time() < deadline and proc.poll() is None, "no checkpoint before the kill"
             time.sleep(0.5)
         # One writer per run: a second train on the run in use is refused, and writes nothing.
@@ -64,11 +64,11 @@ def test_resume_after_the_driver_is_killed(data, tmp_path):
     time.sleep(5)  # whatever of the killed run outlived its driver has ended by now
     newest = max(int(p.parent.name.split("_")[1]) for p in run.glob("checkpoint_0*/meta.json"))
     intact = checkpoint.latest_intact(str(run))
-    r = run_cli("train", "--data", str(data), "--run", str(run), "--resume", "--max-steps", str(newest + 40))
+    r = run_cli("train", "--data", str(data), "--run", str(run), "--resume", "--max-steps", str(newest + 20))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = _rows(run)
     # Resumed from the newest intact checkpoint (Ray Train's own record may lag): at most one interval lost.
-    assert rows[-1]["step"] == newest + 40, (newest, intact.step, rows[-3:])
+    assert rows[-1]["step"] == newest + 20, (newest, intact.step, rows[-3:])
     assert rows[-1]["resumed_from"] == intact.step >= newest - 20, (newest, intact.step, rows[-3:])
     assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})  # no duplicated history
 

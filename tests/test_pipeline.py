@@ -25,7 +25,7 @@ def trained(tmp_path_factory, wiki_slice):
     r = run_cli("prepare", "--corpus", str(wiki_slice), "--out", "data", cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("train", "--data", "data", "--run", "runs/first", "--workers", "2", "--max-steps", "80",
-                "--hidden", "128", "--batch-size", "16", "--eval-every", "40", "--log-every", "20", cwd=root)
+                "--hidden", "64", "--eval-every", "40", "--log-every", "20", cwd=root)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return root
 

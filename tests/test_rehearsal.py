@@ -111,7 +111,7 @@ def test_train_scales_from_zero_loses_no_step_to_a_reclaim_notice_and_scales_bac
     env, run = _env(cluster, s3), "runs/zero"
     _wait(lambda: not cluster.nodes(), 90, "the cluster to start at zero worker nodes")
     r = run_cli("submit", "train", "--gpu", "--workers", "2", "--data", DATA, "--run", f"s3://{BUCKET}/{run}",
-                "--max-steps", "1200", "--hidden", "32", "--eval-every", "100000", "--log-every", "50", env=env)
+                "--max-steps", "1000", "--hidden", "32", "--eval-every", "100000", "--log-every", "50", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     job_id = r.stdout.strip().splitlines()[0]
     logs = lambda: run_cli("jobs", "logs", job_id, env=env).stdout  # noqa: E731
@@ -120,14 +120,14 @@ def test_train_scales_from_zero_loses_no_step_to_a_reclaim_notice_and_scales_bac
     assert sorted(nodes) == [0, 1] and nodes[0] != nodes[1], nodes  # two workers, two worker nodes
     assert rehearse.HEAD_NODE_ID not in nodes.values()
     # A spot reclaim with notice: the node's watcher finds no notice (404) a few times, then one
-    # 15 s ahead; it drains the node, and the node is killed when the 15 s are up.
-    cluster.reclaim(nodes[1], notice_s=15, quiet_polls=3)
+    # 10 s ahead; it drains the node, and the node is killed when the 10 s are up.
+    cluster.reclaim(nodes[1], notice_s=10, quiet_polls=3)
     text = _logs_once_succeeded(cluster, s3, job_id)
     noticed = re.search(r"reclaim notice for worker\(s\) \[1\]; checkpoint at step (\d+)", text)
     assert noticed, text[-5000:]
     step = int(noticed.group(1))
     rows = _metrics(s3, run)
-    assert [row["step"] for row in rows] == [step, 1200], rows  # the notice's checkpoint, then the end
+    assert [row["step"] for row in rows] == [step, 1000], rows  # the notice's checkpoint, then the end
     assert rows[-1]["resumed_from"] == step, rows  # resumed from exactly the notice's step: no step lost
     assert nodes[1] not in _worker_nodes(text).values()  # the last attempt's workers: the lost node is not among them
     _wait(lambda: not cluster.nodes(), 120, "idle worker nodes to be terminated")
@@ -135,6 +135,7 @@ def test_train_scales_from_zero_loses_no_step_to_a_reclaim_notice_and_scales_bac
 
 def test_resume_after_the_driver_is_killed_on_the_cluster(cluster, s3):
     env, run = _env(cluster, s3), "runs/driver"
+    _wait(lambda: not cluster.nodes(), 120, "the cluster to settle at zero worker nodes")
     args = ["--data", DATA, "--run", f"s3://{BUCKET}/{run}", "--gpu", "--workers", "2"]
     r = run_cli("submit", "train", *args, "--max-steps", "100000", "--hidden", "32", "--eval-every", "20", env=env)
     job_id = r.stdout.strip().splitlines()[0]
@@ -173,7 +174,7 @@ def test_embedded_gpu_request_without_a_gpu_fails_at_once(tmp_path, wiki_slice):
 
 def test_elastic_workers_grow_and_a_node_lost_just_after_a_checkpoint_costs_nothing_before_it(cluster, s3):
     env, run = _env(cluster, s3), "runs/elastic"
-    job_id = _submit_timed_run(env, run, "1-2", "2")
+    job_id = _submit_timed_run(env, run, "1-2", "1.5")
     _while_running(cluster, s3, job_id, lambda: _checkpoints(s3, run) and any(row["workers"] == 2 for row in _metrics(s3, run)),
                    420, "metrics from two workers")
     nodes = _worker_nodes(run_cli("jobs", "logs", job_id, env=env).stdout)
@@ -188,7 +189,7 @@ def test_elastic_workers_grow_and_a_node_lost_just_after_a_checkpoint_costs_noth
     sizes = [row["workers"] for row in rows]
     print("workers per metrics row:", sizes, "; node lost after checkpoint", newest)
     assert sizes[0] in (1, 2) and 2 in sizes
-    assert rows[-1]["elapsed_s"] >= 110  # the time budget was trained (by the fastest worker's clock)
+    assert rows[-1]["elapsed_s"] >= 80  # the time budget was trained (by the fastest worker's clock)
     assert all(row["resumed_from"] >= newest for row in rows if row["step"] > newest), (newest, rows)
     assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})
     assert nodes[1] not in _worker_nodes(logs).values()  # the last attempt's workers: the lost node is not among them

@@ -6,25 +6,34 @@ import json
 
 import pytest
 
+from lstmgen.config import PrepareConfig, train_config
+from lstmgen.prepare import prepare
+from lstmgen.train import train
+
 from .conftest import one_line_error, run_cli, wiki_text
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
+def tiny_data(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     (root / "tiny.txt").write_text(wiki_text(8_193), encoding="utf-8")  # 128 windows of 64
-    r = run_cli("prepare", "--corpus", str(root / "tiny.txt"), "--out", str(root / "data"), "--valid-fraction", "0")
-    assert r.returncode == 0, r.stderr[-2000:]
+    prepare(PrepareConfig(out=str(root / "data"), corpus=[str(root / "tiny.txt")], valid_fraction=0.0))
     return root / "data"
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# The runs below call the train job in this process, on the session's Ray (the CLI around it is
+# tested by the refusals further down and by test_pipeline.py).
 
 
 @pytest.mark.slow
 def test_two_workers_finish_on_data_with_one_batch_per_epoch(tiny_data, tmp_path):
     run = tmp_path / "run"
-    r = run_cli("train", "--data", str(tiny_data), "--run", str(run), "--workers", "2", "--hidden", "32",
-                "--max-steps", "120", "--max-minutes", "0", "--eval-every", "60", timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train(train_config(data=str(tiny_data), run=str(run), workers=2, hidden=32, max_steps=120, max_minutes=0.0, eval_every=60))
+    rows = _rows(run)
     assert [row["step"] for row in rows] == [60, 120] and all(row["workers"] == 2 for row in rows)
 
 
@@ -32,12 +41,11 @@ def test_two_workers_finish_on_data_with_one_batch_per_epoch(tiny_data, tmp_path
 def test_a_time_budget_that_ends_between_epochs_still_checkpoints_the_last_step(tiny_data, tmp_path):
     # A few steps per epoch, so the budget most likely runs out while the next epoch starts.
     run = tmp_path / "run"
-    r = run_cli("train", "--data", str(tiny_data), "--run", str(run), "--workers", "1", "--hidden", "32",
-                "--max-steps", "1000000", "--max-minutes", "0.05", "--eval-every", "100000", timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    train(train_config(data=str(tiny_data), run=str(run), workers=1, hidden=32, max_steps=1000000, max_minutes=0.05,
+                       eval_every=100000))
+    last = _rows(run)[-1]
     saved = sorted(run.glob("checkpoint_*/meta.json"))
-    assert saved and json.loads(saved[-1].read_text())["step"] == last["step"] > 0, r.stdout[-2000:]
+    assert saved and json.loads(saved[-1].read_text())["step"] == last["step"] > 0
 
 
 @pytest.mark.slow
@@ -50,7 +58,7 @@ def test_data_too_small_for_every_worker_is_refused_before_training(tiny_data, t
 
 
 @pytest.mark.slow
-def test_bf16_training_through_ray_train_and_its_checkpoint_generates_with_either_cell(wiki_slice, tmp_path):
+def test_bf16_training_through_ray_train_and_its_checkpoint_generates_with_either_cell(ray_local, wiki_slice, tmp_path):
     """--precision bf16 runs the dtype logic of a GPU worker (autocast bf16) on the CPU."""
     import torch
 
@@ -59,11 +67,10 @@ def test_bf16_training_through_ray_train_and_its_checkpoint_generates_with_eithe
     from lstmgen.generate import generate_batch
 
     data, run = tmp_path / "data", tmp_path / "run"
-    assert run_cli("prepare", "--corpus", str(wiki_slice), "--out", str(data)).returncode == 0
-    r = run_cli("train", "--data", str(data), "--run", str(run), "--precision", "bf16", "--workers", "1", "--hidden", "64",
-                "--max-steps", "90", "--max-minutes", "0", "--eval-every", "30", timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    prepare(PrepareConfig(out=str(data), corpus=[str(wiki_slice)]))
+    train(train_config(data=str(data), run=str(run), precision="bf16", workers=1, hidden=64, max_steps=90, max_minutes=0.0,
+                       eval_every=30))
+    rows = _rows(run)
     assert rows[-1]["val_bpc"] < rows[0]["val_bpc"] - 0.3, rows  # it learns
     assert json.loads((run / "train_config.json").read_text())["precision"] == "bf16"
     state = torch.load(run / "checkpoint_0000090" / "model.pt", weights_only=True)
