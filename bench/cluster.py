@@ -16,7 +16,7 @@ types as separate raylets on this machine, the real autoscaler, SeaweedFS for S3
 All nodes share this machine's cores, so (3) shows what the data-parallel plumbing costs, not
 how a real cluster scales.
 
-    python bench/cluster.py [--intervals 50,200] [--notice 30] [--seconds 45]
+    python bench/cluster.py [--intervals 50,200] [--notice 30] [--seconds 45] [--parts cost,first,lost,reclaim,speed]
 """
 
 from __future__ import annotations
@@ -153,18 +153,19 @@ def reclaim(cluster, env: dict, notice_s: float) -> dict:
         time.sleep(0.5)
     back = time.time()
     saved = int(re.findall(r"reclaim notice for worker\(s\) \[[\d, ]+\]; checkpoint at step (\d+)", text)[-1])
-    before = text.split("resumed from step")[-2]
+    notice_at = text.index("reclaim notice for worker")
+    before = text[: notice_at + text[notice_at:].index("resumed from step")]
     last_step = max(steps_in(before))  # the last step trained before the node went
-    resumed = int(re.findall(r"resumed from step (\d+)", text)[-1])
+    resumed = int(re.search(r"resumed from step (\d+)", text[notice_at:]).group(1))
     rate = re.findall(r"\| ([\d.]+)k chars/s", before)
     steps_per_s = float(rate[-1]) * 1e3 / (2 * 32 * 64) if rate else float("nan")
     wait_end(env, job)
     return {"notice_s": notice_s, "checkpoint": saved, "last_step": last_step, "resumed": resumed,
             "steps_lost": last_step - resumed, "work_lost_s": (last_step - resumed) / steps_per_s,
-            "from_notice_s": back - noticed, "from_kill_s": back - killed}
+            "from_notice_s": back - noticed, "from_kill_s": back - killed, "restarts": text[notice_at:].count("resumed from step")}
 
 
-def notice_cost(rounds: int = 3) -> dict:
+def notice_cost(rounds: int = 7) -> dict:
     """Per-call cost of the workers' per-step all-reduce (2 and 3 values) and of Ray Train's
     reclaim notice, measured inside a 2-worker Ray Train run on an embedded Ray."""
     import ray
@@ -177,7 +178,7 @@ def notice_cost(rounds: int = 3) -> dict:
 
         out = {}
         for _ in range(config["rounds"]):  # interleaved, this machine is noisy
-            for values in (2, 3):
+            for values in (2, 3, 4):
                 t = torch.zeros(values)
                 t0 = time.perf_counter()
                 for _ in range(2000):
@@ -187,13 +188,15 @@ def notice_cost(rounds: int = 3) -> dict:
             for _ in range(200):
                 ray.train.get_preemption_info()
             out.setdefault("notice", []).append((time.perf_counter() - t0) / 200)
-        ray.train.report({k: sorted(v)[len(v) // 2] for k, v in out.items()})
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(config["out"]).write_text(json.dumps({k: sorted(v)[len(v) // 2] for k, v in out.items()}))
 
+    out = Path(tempfile.mkdtemp(prefix="lstmgen-notice-")) / "cost.json"
     ray.init(num_cpus=3, include_dashboard=False)
     try:
-        result = TorchTrainer(measure, train_loop_config={"rounds": rounds},
-                              scaling_config=ray.train.ScalingConfig(num_workers=2)).fit()
-        return dict(result.metrics)
+        TorchTrainer(measure, train_loop_config={"rounds": rounds, "out": str(out)},
+                     scaling_config=ray.train.ScalingConfig(num_workers=2)).fit()
+        return json.loads(out.read_text())
     finally:
         ray.shutdown()
 
@@ -212,11 +215,13 @@ def main() -> None:
     parser.add_argument("--intervals", default="50,200", help="checkpoint intervals (steps) for the lost-node runs")
     parser.add_argument("--notice", type=float, default=30, help="seconds of notice before a reclaim")
     parser.add_argument("--seconds", type=float, default=45, help="training seconds per throughput run")
+    parser.add_argument("--parts", default="cost,first,lost,reclaim,speed", help="which of the figures to measure")
     args = parser.parse_args()
-    cost = notice_cost()
-    print(f"per-step all-reduce: {cost['allreduce2'] * 1e6:.0f} us with 2 values, {cost['allreduce3'] * 1e6:.0f} us with 3 "
-          f"(the reclaim check's); ray.train.get_preemption_info(): {cost['notice'] * 1e3:.2f} ms per call, asked once "
-          "a second")
+    parts = args.parts.split(",")
+    if "cost" in parts:
+        cost = notice_cost()
+        print(f"per-step all-reduce: {cost['allreduce2'] * 1e6:.0f} us with 2 values, {cost['allreduce3'] * 1e6:.0f} us with 3, "
+              f"{cost['allreduce4'] * 1e6:.0f} us with 4; ray.train.get_preemption_info(): {cost['notice'] * 1e3:.2f} ms per call")
     work = Path(tempfile.mkdtemp(prefix="lstmgen-bench-cluster-"))
     s3 = s3server.start(work / "s3")
     cluster = None
@@ -230,20 +235,25 @@ def main() -> None:
         cluster = rehearse.start(work / "cluster", env=s3.env, idle_timeout_s=10, max_per_type=2)
         env.update(RAY_ADDRESS=cluster.url, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"],
                    LSTMGEN_CODE_ON_NODES=str(ROOT))
-        print(f"submit -> first training step, from zero worker nodes: {first_step(cluster, env):.1f} s")
-        print(f"{'ckpt every':>10}  {'step at kill':>12}  {'resumed':>8}  {'steps lost':>10}  {'work lost':>9}  {'downtime':>8}")
-        for interval in (int(i) for i in args.intervals.split(",")):
-            r = lost_node(cluster, env, interval, s3)
-            print(f"{r['interval']:>10}  {r['step_at_kill']:>12}  {r['resumed']:>8}  {r['steps_lost']:>10}  "
-                  f"{r['work_lost_s']:>8.1f}s  {r['downtime_s']:>7.1f}s")
-        r = reclaim(cluster, env, args.notice)
-        print(f"reclaim with {r['notice_s']:.0f} s notice: checkpoint at step {r['checkpoint']}, last step trained "
-              f"{r['last_step']}, resumed from {r['resumed']}: {r['steps_lost']} steps lost ({r['work_lost_s']:.1f} s of "
-              f"training); next step {r['from_notice_s']:.1f} s after the notice, {r['from_kill_s']:.1f} s after the kill")
-        rates = {n: throughput(cluster, env, n, args.seconds, s3) for n in (1, 2, 4)}
-        print("workers  chars/s   vs 1 worker")
-        for n, rate in rates.items():
-            print(f"{n:>7}  {rate / 1e3:6.1f}k  {rate / rates[1]:5.2f}x")
+        if "first" in parts:
+            print(f"submit -> first training step, from zero worker nodes: {first_step(cluster, env):.1f} s")
+        if "lost" in parts:
+            print(f"{'ckpt every':>10}  {'step at kill':>12}  {'resumed':>8}  {'steps lost':>10}  {'work lost':>9}  {'downtime':>8}")
+            for interval in (int(i) for i in args.intervals.split(",")):
+                r = lost_node(cluster, env, interval, s3)
+                print(f"{r['interval']:>10}  {r['step_at_kill']:>12}  {r['resumed']:>8}  {r['steps_lost']:>10}  "
+                      f"{r['work_lost_s']:>8.1f}s  {r['downtime_s']:>7.1f}s")
+        if "reclaim" in parts:
+            r = reclaim(cluster, env, args.notice)
+            print(f"reclaim with {r['notice_s']:.0f} s notice: checkpoint at step {r['checkpoint']}, last step trained "
+                  f"{r['last_step']}, resumed from {r['resumed']}: {r['steps_lost']} steps lost ({r['work_lost_s']:.1f} s of "
+                  f"training); next step {r['from_notice_s']:.1f} s after the notice, {r['from_kill_s']:.1f} s after the kill "
+                  f"({r['restarts']} restart(s))")
+        if "speed" in parts:
+            rates = {n: throughput(cluster, env, n, args.seconds, s3) for n in (1, 2, 4)}
+            print("workers  chars/s   vs 1 worker")
+            for n, rate in rates.items():
+                print(f"{n:>7}  {rate / 1e3:6.1f}k  {rate / rates[1]:5.2f}x")
     finally:
         if cluster:
             cluster.stop()

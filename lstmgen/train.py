@@ -355,13 +355,16 @@ def agreed_batches(epoch, budget_used, notice, cfg: TrainConfig, world: int, dev
 
 
 def _agree(used: float, have_batch: bool, ask: bool, world: int, device: torch.device) -> tuple[float, bool, bool]:
-    """The per-step all-reduce (MAX): the largest budget used, whether some worker lacks a batch,
-    and whether some worker wants the reclaim notice asked for."""
+    """The per-step all-reduce (MAX) of two values: the largest budget used, and a flag that is 2
+    where a worker lacks a batch, else 1 where a worker wants the reclaim notice asked for, else 0.
+    Two values, not three: gloo takes a slower path for three floats than for two
+    (docs/results.md, "Spot reclaims"), and whether to ask only matters when every worker has a
+    batch."""
     if world == 1:
         return used, have_batch, ask
-    t = torch.tensor([used, 0.0 if have_batch else 1.0, 1.0 if ask else 0.0], device=device)
+    t = torch.tensor([used, 2.0 if not have_batch else 1.0 if ask else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t[0].item(), t[1].item() == 0.0, t[2].item() == 1.0
+    return t[0].item(), t[1].item() < 2.0, t[1].item() == 1.0
 
 
 def _hold_until_reclaimed(reclaim, step: int, rank: int) -> None:
