@@ -85,6 +85,17 @@ def wait_end(env: dict, job_id: str, timeout: float = 900) -> str:
     return s
 
 
+def wait_training_again(env: dict, job: str) -> str:
+    """Until the job logs a training step after its last "resumed from step"; returns the log."""
+    while True:
+        text = logs(env, job)
+        after = text.split("resumed from step")
+        if len(after) > 1 and steps_in(after[-1]):
+            return text
+        check_running(env, job, text)
+        time.sleep(0.5)
+
+
 def first_step(cluster, env: dict) -> float:
     wait_nodes_gone(cluster)
     t0 = time.time()
@@ -117,13 +128,7 @@ def lost_node(cluster, env: dict, interval: int, s3) -> dict:
     step_at_kill = max(steps_in(text))
     cluster.kill_node(nodes[1])
     killed = time.time()
-    while True:  # training runs again: a step line after "resumed from step"
-        text = logs(env, job)
-        after = text.split("resumed from step")
-        if len(after) > 1 and steps_in(after[-1]):
-            break
-        check_running(env, job, text)
-        time.sleep(0.5)
+    text = wait_training_again(env, job)
     downtime = time.time() - killed
     resumed = int(re.findall(r"resumed from step (\d+)", text)[-1])
     steps_per_s = float(rate[-1]) * 1e3 / (2 * 32 * 64) if rate else float("nan")
@@ -144,13 +149,7 @@ def reclaim(cluster, env: dict, notice_s: float) -> dict:
     node = {int(r): n for r, n in re.findall(r"train: worker (\d+) of \d+ on node ([0-9a-f]+)", logs(env, job))}[1]
     noticed = time.time()
     killed = cluster.reclaim(node, notice_s)  # blocks until the node is killed at the deadline
-    while True:  # training runs again: a step line after "resumed from step"
-        text = logs(env, job)
-        after = text.split("resumed from step")
-        if len(after) > 1 and steps_in(after[-1]):
-            break
-        check_running(env, job, text)
-        time.sleep(0.5)
+    text = wait_training_again(env, job)
     back = time.time()
     saved = int(re.findall(r"reclaim notice for worker\(s\) \[[\d, ]+\]; checkpoint at step (\d+)", text)[-1])
     notice_at = text.index("reclaim notice for worker")

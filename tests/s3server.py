@@ -27,11 +27,13 @@ def _is_free(port: int) -> bool:
 
 
 def free_port() -> int:
-    """A free port whose +10000 twin (SeaweedFS's gRPC port) is free too."""
+    """A free port whose +10000 twin (SeaweedFS's gRPC port) is free too, both below the kernel's
+    range of ephemeral ports (32768 up): an outgoing connection of another process (Ray, a test
+    running beside this one) never takes one of them between a stop and a restart on the same ports."""
     import random
 
     while True:
-        port = random.randrange(20000, 45000)
+        port = random.randrange(20000, 22700)
         if _is_free(port) and _is_free(port + 10000):
             return port
 

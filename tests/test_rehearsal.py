@@ -120,12 +120,13 @@ def test_train_scales_from_zero_loses_no_step_to_a_reclaim_notice_and_scales_bac
     assert sorted(nodes) == [0, 1] and nodes[0] != nodes[1], nodes  # two workers, two worker nodes
     assert rehearse.HEAD_NODE_ID not in nodes.values()
     # A spot reclaim with notice: the node's watcher finds no notice (404) a few times, then one
-    # 10 s ahead; it drains the node, and the node is killed when the 10 s are up.
-    cluster.reclaim(nodes[1], notice_s=10, quiet_polls=3)
+    # 15 s ahead; it drains the node, and the node is killed when the 15 s are up.
+    cluster.reclaim(nodes[1], notice_s=15, quiet_polls=3)
     text = _logs_once_succeeded(cluster, s3, job_id)
-    noticed = re.search(r"reclaim notice for worker\(s\) \[1\]; checkpoint at step (\d+)", text)
+    noticed = re.search(r"reclaim notice for worker\(s\) \[1\]; checkpoint at step (\d+), waiting (\d+) s", text)
     assert noticed, text[-5000:]
     step = int(noticed.group(1))
+    assert 0 < int(noticed.group(2)) <= 15  # the drain carried the deadline the metadata gave
     rows = _metrics(s3, run)
     assert [row["step"] for row in rows] == [step, 1000], rows  # the notice's checkpoint, then the end
     assert rows[-1]["resumed_from"] == step, rows  # resumed from exactly the notice's step: no step lost

@@ -6,6 +6,8 @@ import time
 from lstmgen import spot
 from lstmgen.rehearse import FakeMetadata
 
+from .conftest import one_line_error, run_cli
+
 
 def test_the_watcher_reads_the_notice_with_a_session_token_and_takes_404_as_none():
     metadata = FakeMetadata()
@@ -27,3 +29,7 @@ def test_on_an_on_demand_instance_the_watcher_exits_at_once():
         assert metadata.polls() == 0
     finally:
         metadata.stop()
+
+
+def test_cluster_reclaim_without_a_running_rehearsal_is_one_line(tmp_path):
+    one_line_error(run_cli("cluster", "reclaim", "f" * 56, "--workdir", str(tmp_path)), str(tmp_path), "lstmgen cluster rehearse")
