@@ -33,7 +33,7 @@ def plot(history: list[dict], run: str) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     short = short_rows(history)
-    full = [r for r in history if not any(r is s for s in short)]
+    full = [r for r in history if r not in short]
     (line,) = ax.plot([r["step"] for r in full], [r["train_bpc"] for r in full], label="train", marker=".")
     if short:
         ax.plot([r["step"] for r in short], [r["train_bpc"] for r in short], linestyle="none", marker="o",
@@ -63,7 +63,7 @@ def summary(run: str) -> str:
         f"run          {run}",
         f"steps        {last['step']}  ({last['elapsed_s'] / 60:.1f} min, {last['chars_per_s'] / 1e3:.1f}k chars/s at the end)",
         f"train bpc    {last['train_bpc']:.3f} (last evaluation"
-        + (f", the mean of only {last['train_steps']} steps)" if any(r is last for r in short_rows(history)) else ")"),
+        + (f", the mean of only {last['train_steps']} steps)" if last in short_rows(history) else ")"),
         f"valid bpc    {last.get('val_bpc', float('nan')):.3f} last, "
         f"{best_row.get('val_bpc', float('nan')):.3f} best at step {best_row['step']}",
         f"checkpoint   {chosen.path if chosen else '(none)'}",

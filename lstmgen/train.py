@@ -325,12 +325,13 @@ def agreed_batches(epoch, budget_used, notice, cfg: TrainConfig, world: int, dev
     has a next batch, so that an epoch ends for all when the shortest shard runs out and no worker
     waits in the gradient all-reduce while another waits at Ray Data's epoch barrier; and whether
     ``NOTICE_EVERY_S`` has passed on any worker since the workers last asked ``notice()`` (Ray
-    Train's reclaim notice, which every worker must ask at the same step). ``reclaim`` is that
-    notice, yielded once, with the first batch after it; otherwise None. Between epochs each
+    Train's reclaim notice, which every worker must ask at the same step). ``reclaim`` is a notice
+    that was not there when last asked, with the first batch after it; otherwise None (a notice
+    that stays is acted on once; one that is withdrawn and comes again, again). Between epochs each
     worker reads the rest of its shard (Ray Data starts the next epoch when every worker has) and
     ``epoch()`` starts the next one.
     """
-    asked, noticed = time.time(), False
+    asked, standing = time.time(), None  # when the notice was last asked for, and what it was
     while True:
         batches, steps = epoch(), 0
         while True:
@@ -342,9 +343,9 @@ def agreed_batches(epoch, budget_used, notice, cfg: TrainConfig, world: int, dev
             if not everyone_has_one:
                 break
             reclaim = None
-            if ask and not noticed:
-                reclaim, asked = notice(), time.time()
-                noticed = reclaim is not None
+            if ask:
+                latest, asked = notice(), time.time()
+                reclaim, standing = (latest if standing is None else None), latest
             yield batch, used, reclaim
             steps += 1
         for _ in batches:  # the rest of this worker's epoch

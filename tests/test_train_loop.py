@@ -71,20 +71,21 @@ def test_agreed_batches_refuse_an_epoch_without_a_batch():
     assert read == [2, 0]
 
 
-def test_a_reclaim_notice_is_asked_for_on_schedule_and_yielded_once(monkeypatch):
+def test_a_reclaim_notice_is_yielded_when_it_comes_and_again_only_after_it_was_withdrawn(monkeypatch):
     monkeypatch.setattr(train_module, "NOTICE_EVERY_S", 0.0)  # ask before every step
+    answers = [None, None, "reclaim", "reclaim", None, "again", "again", None, None, None]
     asked: list[int] = []
 
     def notice():
         asked.append(len(asked))
-        return "reclaim" if len(asked) >= 3 else None
+        return answers[len(asked) - 1]
 
     epoch, _ = _epochs(10)
     steps: list = []
     for step in agreed_batches(epoch, lambda: len(steps) / 10, notice, TrainConfig(data="d", run="r"), 1, torch.device("cpu")):
         steps.append(step)
-    assert len(asked) == 3  # asked until the notice came, never after
-    assert [reclaim for _, _, reclaim in steps] == [None, None, "reclaim"] + [None] * 7
+    assert len(asked) == 10  # asked on schedule, notice or not
+    assert [reclaim for _, _, reclaim in steps] == [None, None, "reclaim", None, None, "again", None, None, None, None]
 
 
 def _shard(data: str, size: int, shuffle: bool = False):
