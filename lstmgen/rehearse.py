@@ -146,10 +146,7 @@ class Rehearsal:
         job server's state API."""
         import psutil
 
-        request = urllib.request.Request(f"{self.url}/api/v0/nodes?limit=1000&detail=true",
-                                         headers={"authorization": f"Bearer {self.token_path.read_text().strip()}"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            listed = json.loads(response.read())["data"]["result"]["result"]
+        listed = self.state("nodes")
         types = {}
         for p in self._processes():  # the fake provider tells each node's raylet its type
             try:
@@ -160,6 +157,13 @@ class Rehearsal:
                 types[environ[NODE_ID_ENV]] = environ.get("RAY_NODE_TYPE_NAME", "")
         return [{"id": n["node_id"], "type": types.get(n["node_id"], ""), "resources": n["resources_total"]}
                 for n in listed if n["state"] == "ALIVE" and not n["is_head_node"]]
+
+    def state(self, resource: str) -> list[dict]:
+        """Ray's state API through the job server: ``nodes``, ``actors`` (alive or dead), ..."""
+        request = urllib.request.Request(f"{self.url}/api/v0/{resource}?limit=10000&detail=true",
+                                         headers={"authorization": f"Bearer {self.token_path.read_text().strip()}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["data"]["result"]["result"]
 
     def reclaim(self, node_id: str, notice_s: float = 30.0, quiet_polls: int = 0) -> float:
         """A spot reclaim as on AWS: the instance metadata (a fake service on loopback) announces

@@ -49,10 +49,20 @@ def _wait(predicate, timeout: float, what: str, every: float = 1.0):
         time.sleep(every)
 
 
-def _worker_nodes(logs: str) -> dict[int, str]:
-    """rank -> node id, from the job's 'train: worker R of W on node ID' lines of its last attempt."""
-    last = logs[logs.rfind("train: worker 0 of"):] if "train: worker 0 of" in logs else ""
+def _worker_nodes(logs: str, world: int = 2) -> dict[int, str]:
+    """rank -> node id, from the job's 'train: worker R of W on node ID' lines of its last attempt
+    with ``world`` workers (read before any node is lost: see _train_workers)."""
+    first = f"train: worker 0 of {world} on"
+    last = logs[logs.rfind(first):] if first in logs else ""
     return {int(m.group(1)): m.group(2) for m in re.finditer(r"train: worker (\d+) of \d+ on node ([0-9a-f]+)", last)}
+
+
+def _train_workers(cluster) -> dict[str, str]:
+    """Every Ray Train worker actor the cluster has started, alive or dead: actor id -> node id,
+    from Ray's state API. (The job log is no record of the last attempt: on one machine every
+    fake node's log monitor reads the same log directory, and a node that starts late can print
+    an earlier attempt's lines again.)"""
+    return {a["actor_id"]: a["node_id"] for a in cluster.state("actors") if a["class_name"] == "RayTrainWorker"}
 
 
 def _metrics(s3, prefix: str) -> list[dict]:
@@ -121,6 +131,7 @@ def test_train_scales_from_zero_loses_no_step_to_a_reclaim_notice_and_scales_bac
     assert rehearse.HEAD_NODE_ID not in nodes.values()
     # A spot reclaim with notice: the node's watcher finds no notice (404) a few times, then one
     # 15 s ahead; it drains the node, and the node is killed when the 15 s are up.
+    before = _train_workers(cluster)
     cluster.reclaim(nodes[1], notice_s=15, quiet_polls=3)
     text = _logs_once_succeeded(cluster, s3, job_id)
     noticed = re.search(r"reclaim notice for worker\(s\) \[1\]; checkpoint at step (\d+), waiting (\d+) s", text)
@@ -130,7 +141,8 @@ def test_train_scales_from_zero_loses_no_step_to_a_reclaim_notice_and_scales_bac
     rows = _metrics(s3, run)
     assert [row["step"] for row in rows] == [step, 1000], rows  # the notice's checkpoint, then the end
     assert rows[-1]["resumed_from"] == step, rows  # resumed from exactly the notice's step: no step lost
-    assert nodes[1] not in _worker_nodes(text).values()  # the last attempt's workers: the lost node is not among them
+    restarted_on = [node for actor, node in _train_workers(cluster).items() if actor not in before]
+    assert len(restarted_on) >= 2 and nodes[1] not in restarted_on, restarted_on  # it went on, elsewhere
     _wait(lambda: not cluster.nodes(), 120, "idle worker nodes to be terminated")
 
 
@@ -184,8 +196,9 @@ def test_elastic_workers_grow_and_a_node_lost_just_after_a_checkpoint_costs_noth
     newest = _checkpoints(s3, run)[-1]
     _while_running(cluster, s3, job_id, lambda: _checkpoints(s3, run)[-1] > newest, 120, "the next checkpoint", every=0.1)
     newest = _checkpoints(s3, run)[-1]
+    before = _train_workers(cluster)
     assert cluster.kill_node(nodes[1]) > 0  # the raylet and its workers SIGKILLed, no warning
-    logs = _logs_once_succeeded(cluster, s3, job_id)
+    _logs_once_succeeded(cluster, s3, job_id)
     rows = _metrics(s3, run)
     sizes = [row["workers"] for row in rows]
     print("workers per metrics row:", sizes, "; node lost after checkpoint", newest)
@@ -193,4 +206,5 @@ def test_elastic_workers_grow_and_a_node_lost_just_after_a_checkpoint_costs_noth
     assert rows[-1]["elapsed_s"] >= 80  # the time budget was trained (by the fastest worker's clock)
     assert all(row["resumed_from"] >= newest for row in rows if row["step"] > newest), (newest, rows)
     assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})
-    assert nodes[1] not in _worker_nodes(logs).values()  # the last attempt's workers: the lost node is not among them
+    restarted_on = [node for actor, node in _train_workers(cluster).items() if actor not in before]
+    assert len(restarted_on) >= 2 and nodes[1] not in restarted_on, restarted_on  # it went on, elsewhere
