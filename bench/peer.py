@@ -172,6 +172,28 @@ def word_share(texts: list[str], known: set[str]) -> float:
     return sum(w in known for w in words) / max(1, len(words))
 
 
+def plot_curves(results: dict[str, dict], path: Path) -> None:
+    """Held-out bpc against training minutes, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        minutes, _, bpc = zip(*r["curve"])
+        ax.plot(minutes, bpc, marker=".", label=f"{name} ({r['bpc']:.3f} at the end)")
+    lowest = min(b for r in results.values() for _, _, b in r["curve"])
+    ax.set_ylim(lowest - 0.05, lowest + 0.8)  # the first minutes' high values would flatten the rest
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("held-out bits per character")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -224,6 +246,7 @@ def main() -> None:
         _, per_char = dynamic_bpc(model, held, lr=0.0, per_char=True)  # state carried, as evaluate --mix-counts
         texts = [r["text"] for r in generate_batch(model, vocab, PRIMES, [derive_seed(0, i) for i in range(len(PRIMES))], sampling)]
         results["LSTM"] = {"params": sum(p.numel() for p in model.parameters()), "steps": rows[-1]["step"],
+                           "curve": [(row["elapsed_s"] / 60, row["step"], row["val_bpc"]) for row in rows],
                            "bpc": float(per_char.mean()),
                            "mixed": float(Mixture(train_ids, held, len(vocab), order=10).mixed_bits(per_char, 0.4).mean()),
                            "words": word_share(texts, known), "samples": texts}
@@ -236,6 +259,10 @@ def main() -> None:
     print(f"\n{'model':12} {'params':>9} {'steps':>7} {'held-out bpc':>12} {'+ count model':>13} {'known words':>11}")
     for name, r in results.items():
         print(f"{name:12} {r['params']:9,} {r['steps']:7,} {r['bpc']:12.4f} {r['mixed']:13.4f} {100 * r['words']:10.1f}%")
+    (work / "results.json").write_text(json.dumps({name: {k: v for k, v in r.items() if k != "samples"}
+                                                    for name, r in results.items()}, indent=1))
+    plot_curves(results, work / "curves.png")
+    print(f"\ncurves in {work / 'curves.png'}, figures in {work / 'results.json'}")
     if len(results) == 2:
         print(f"\nLSTM / transformer held-out bpc: {results['LSTM']['bpc'] / results['transformer']['bpc']:.3f} "
               f"({'LSTM ahead' if results['LSTM']['bpc'] < results['transformer']['bpc'] else 'transformer ahead'})")
