@@ -123,7 +123,8 @@ def train_gpt(train_ids: np.ndarray, held: np.ndarray, vocab: int, minutes: floa
                             lr=1e-3, betas=(0.9, 0.99))
     data = torch.from_numpy(train_ids.astype(np.int64))
     budget, trained, step, curve = minutes * 60, 0.0, 0, []
-    next_eval = 60.0
+    every = 60.0 * max(1, round(minutes / 12))  # about a dozen points: each costs ~20 s on 2 cores, not counted
+    next_eval = every
     while trained < budget:
         t0 = time.time()
         frac = trained / budget
@@ -143,7 +144,7 @@ def train_gpt(train_ids: np.ndarray, held: np.ndarray, vocab: int, minutes: floa
         if trained >= next_eval or trained >= budget:  # evaluation time is not counted in the budget
             curve.append((trained / 60, step, float(np.mean(gpt_bits(model, held)))))
             print(f"  gpt   {curve[-1][0]:5.1f} min  step {step:6d}  held-out {curve[-1][2]:.3f} bpc", flush=True)
-            next_eval += 60.0
+            next_eval += every
     return model, curve, step
 
 

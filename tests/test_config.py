@@ -43,7 +43,7 @@ def test_resume_never_changes_the_model(saved_run):
 
 def test_presets_are_overridden_by_flags_and_recorded_as_not_given():
     cfg = train_config("best", data="d", run="r", hidden=128)
-    assert cfg.hidden == 128 and cfg.layers == 2 and cfg.given == ["hidden"]
+    assert cfg.hidden == 128 and cfg.max_minutes == 60.0 and cfg.given == ["hidden"]
     with pytest.raises(LstmgenError, match="unknown --preset"):
         train_config("huge", data="d", run="r")
 
