@@ -13,7 +13,8 @@ each model mixed with the adaptive count model (`evaluate --mix-counts 10`, gate
 
 Prints each model's curve (held-out bpc against training minutes), the table side by side with
 the ratio, and for each model 10 samples of 500 characters at temperature 0.8 from fixed primes
-with the share of generated words found in the training text.
+with the share of generated words found in the training text. Both curves go to curves.png and
+every figure to results.json in the workdir.
 
     python bench/peer.py [--minutes 10] [--corpus FILE] [--skip-lstm] [--train-args "..."]
 """
@@ -123,7 +124,7 @@ def train_gpt(train_ids: np.ndarray, held: np.ndarray, vocab: int, minutes: floa
                             lr=1e-3, betas=(0.9, 0.99))
     data = torch.from_numpy(train_ids.astype(np.int64))
     budget, trained, step, curve = minutes * 60, 0.0, 0, []
-    every = 60.0 * max(1, round(minutes / 12))  # about a dozen points: each costs ~20 s on 2 cores, not counted
+    every = 60.0 * max(1, round(minutes / 12))  # about a dozen points: each scores all the held-out text
     next_eval = every
     while trained < budget:
         t0 = time.time()
@@ -260,6 +261,8 @@ def main() -> None:
     print(f"\n{'model':12} {'params':>9} {'steps':>7} {'held-out bpc':>12} {'+ count model':>13} {'known words':>11}")
     for name, r in results.items():
         print(f"{name:12} {r['params']:9,} {r['steps']:7,} {r['bpc']:12.4f} {r['mixed']:13.4f} {100 * r['words']:10.1f}%")
+    if not results:
+        return
     (work / "results.json").write_text(json.dumps({name: {k: v for k, v in r.items() if k != "samples"}
                                                     for name, r in results.items()}, indent=1))
     plot_curves(results, work / "curves.png")
