@@ -231,7 +231,7 @@ def main() -> None:
                                   "samples": texts}
 
     if not args.skip_lstm:
-        print("\nLSTM (lstmgen train, its defaults):")
+        print(f"\nLSTM (lstmgen train, its defaults{' with ' + args.train_args if args.train_args else ''}):")
         if run.exists():
             import shutil
 
@@ -251,7 +251,7 @@ def main() -> None:
                            "curve": [(row["elapsed_s"] / 60, row["step"], row["val_bpc"]) for row in rows],
                            "bpc": float(per_char.mean()),
                            "mixed": float(Mixture(train_ids, held, len(vocab), order=10).mixed_bits(per_char, 0.4).mean()),
-                           "words": word_share(texts, known), "samples": texts}
+                           "words": word_share(texts, known), "train_args": args.train_args, "samples": texts}
 
     for name, r in results.items():  # every sample to a file, the first one here
         path = Path(args.workdir) / f"samples-{name.lower()}.txt"
