@@ -263,7 +263,13 @@ class LSTM(nn.LSTM):
         if self.cell == "fused":
             h0 = torch.stack([h for h, _ in state])
             c0 = torch.stack([c for _, c in state])
-            out, (hn, cn) = super().forward(x, (h0, c0))
+            if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_bf16():
+                # oneDNN has no bf16 LSTM kernel for CPUs without bf16 instructions ("could not
+                # create a primitive descriptor"): there the fused cell runs in fp32.
+                with torch.autocast("cpu", enabled=False):
+                    out, (hn, cn) = super().forward(x.float(), (h0.float(), c0.float()))
+            else:
+                out, (hn, cn) = super().forward(x, (h0, c0))
             return out, list(zip(hn.unbind(0), cn.unbind(0)))
         new_state: State = []
         for k in range(self.num_layers):

@@ -98,7 +98,8 @@ def test_explicit_trains_under_bf16_autocast_like_fused(monkeypatch, onednn):
     either cell. So both are held to 5 % of the fp32 result's scale (outputs: max error over the
     largest logit; gradients: error norm over the fp32 gradient's norm), and the explicit cell's
     recurrent state, which it keeps in fp32, must come out fp32. The per-step matmul is oneDNN's
-    on a bf16 weight where the CPU has bf16 instructions, else addmm; both are held to this."""
+    on a bf16 weight where the CPU has bf16 instructions, else addmm; both are held to this. (On a
+    CPU without bf16 instructions oneDNN has no bf16 LSTM, and the fused cell runs in fp32.)"""
     monkeypatch.setenv("LSTMGEN_ONEDNN", onednn)
     torch.manual_seed(1)
     model = CharLSTM(ModelConfig(vocab_size=40, embed=16, hidden=32, layers=2, dropout=0.0, embed_dropout=0.0))
