@@ -2,7 +2,8 @@
 fp32 and under bf16 autocast (`--precision bf16`), on the same weights, in one
 process, interleaved rounds (the machine is noisy: compare ratios, not absolute figures). Prints
 a table and the ratios per size. bf16 pays where the CPU has bf16 matrix instructions (AMX,
-AVX-512 BF16: `grep -o 'amx_bf16\|avx512_bf16' /proc/cpuinfo`).
+AVX-512 BF16: `grep -o 'amx_bf16\|avx512_bf16' /proc/cpuinfo`); on a CPU without them the
+fused cell runs fp32 even under bf16 autocast (oneDNN has no bf16 LSTM there).
 
     python bench/train_speed.py [--threads 2] [--rounds 5] [--batch 32] [--sizes 256x1,512x1,512x2]
     python bench/train_speed.py --batch 8 --sizes 384x1   # the defaults' size
