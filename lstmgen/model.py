@@ -28,6 +28,7 @@ outputs and gradients, with and without the private ops. No Ray here: plain PyTo
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ def _onednn_linear(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_bf16())
 
 
+@functools.cache  # the CPU does not change; the fused cell asks on every forward under autocast
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX, e.g. Xeon
     Sapphire Rapids and later, AMD Zen 4 and later). Elsewhere bf16 is emulated and slower than fp32."""

@@ -117,6 +117,12 @@ def _logs_once_succeeded(cluster, s3, job_id: str) -> str:
     return logs
 
 
+def _assert_went_on_elsewhere(cluster, before: dict[str, str], lost: str) -> None:
+    """Training went on in new worker actors (``before``: _train_workers before the loss), none on ``lost``."""
+    restarted_on = [node for actor, node in _train_workers(cluster).items() if actor not in before]
+    assert len(restarted_on) >= 2 and lost not in restarted_on, restarted_on
+
+
 def test_train_scales_from_zero_loses_no_step_to_a_reclaim_notice_and_scales_back(cluster, s3):
     env, run = _env(cluster, s3), "runs/zero"
     _wait(lambda: not cluster.nodes(), 90, "the cluster to start at zero worker nodes")
@@ -141,8 +147,7 @@ def test_train_scales_from_zero_loses_no_step_to_a_reclaim_notice_and_scales_bac
     rows = _metrics(s3, run)
     assert [row["step"] for row in rows] == [step, 1000], rows  # the notice's checkpoint, then the end
     assert rows[-1]["resumed_from"] == step, rows  # resumed from exactly the notice's step: no step lost
-    restarted_on = [node for actor, node in _train_workers(cluster).items() if actor not in before]
-    assert len(restarted_on) >= 2 and nodes[1] not in restarted_on, restarted_on  # it went on, elsewhere
+    _assert_went_on_elsewhere(cluster, before, nodes[1])
     _wait(lambda: not cluster.nodes(), 120, "idle worker nodes to be terminated")
 
 
@@ -206,5 +211,4 @@ def test_elastic_workers_grow_and_a_node_lost_just_after_a_checkpoint_costs_noth
     assert rows[-1]["elapsed_s"] >= 80  # the time budget was trained (by the fastest worker's clock)
     assert all(row["resumed_from"] >= newest for row in rows if row["step"] > newest), (newest, rows)
     assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})
-    restarted_on = [node for actor, node in _train_workers(cluster).items() if actor not in before]
-    assert len(restarted_on) >= 2 and nodes[1] not in restarted_on, restarted_on  # it went on, elsewhere
+    _assert_went_on_elsewhere(cluster, before, nodes[1])
