@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lstmgen import checkpoint  # noqa: E402
-from lstmgen.config import SampleConfig  # noqa: E402
+from lstmgen.config import EvaluateConfig, SampleConfig  # noqa: E402
 from lstmgen.corpus import Vocab  # noqa: E402
 from lstmgen.evaluate import dynamic_bpc  # noqa: E402
 from lstmgen.generate import generate_batch  # noqa: E402
@@ -245,7 +245,8 @@ def main() -> None:
             print(f"  lstm  {row['elapsed_s'] / 60:5.1f} min  step {row['step']:6d}  held-out {row['val_bpc']:.3f} bpc")
         loaded = checkpoint.load(str(run))
         model = loaded.model()
-        _, per_char = dynamic_bpc(model, held, lr=0.0, per_char=True)  # state carried, as evaluate --mix-counts
+        # state carried, as evaluate --mix-counts
+        _, per_char = dynamic_bpc(model, held, segment=EvaluateConfig.segment, lr=0.0, per_char=True)
         texts = [r["text"] for r in generate_batch(model, vocab, PRIMES, [derive_seed(0, i) for i in range(len(PRIMES))], sampling)]
         results["LSTM"] = {"params": sum(p.numel() for p in model.parameters()), "steps": rows[-1]["step"],
                            "curve": [(row["elapsed_s"] / 60, row["step"], row["val_bpc"]) for row in rows],

@@ -3,7 +3,8 @@ side with general-purpose compressors on the same split, computed in the same ru
 
 Trains with a preset under its time budget (`lstmgen train --preset P`, the real CLI), prints the
 bits-per-character curve, the static held-out bpc (state carried), and the dynamic-evaluation
-bpc with its step size and decay tuned on the tail of the *training* text (never the held-out).
+bpc with `lstmgen evaluate`'s step size and decay (or `--dynamic LR,DECAY`; bench/dynamic.py
+chooses them on held-out text, never on the training text the model has memorised).
 Compressors: gzip, bzip2, xz on the held-out text alone and given the training text first
 ((size(train + heldout) - size(train)) x 8 / chars), and 7z PPMd when `7z` is installed.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lstmgen import checkpoint  # noqa: E402
+from lstmgen.config import EvaluateConfig  # noqa: E402
 from lstmgen.evaluate import carried_bpc, dynamic_bpc  # noqa: E402
 from lstmgen.windows import split_ids  # noqa: E402
 
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--dynamic-chars", type=int, default=-1, help="held-out chars for dynamic eval (-1: all, 0: skip)")
     ap.add_argument("--train-args", default="", help="extra flags for lstmgen train")
-    ap.add_argument("--dynamic", default="", help="LR,DECAY to skip tuning, e.g. 3e-4,1e-3")
+    ap.add_argument("--dynamic", default="", help="LR,DECAY instead of evaluate's defaults, e.g. 3e-4,0")
     args = ap.parse_args()
     work = Path(args.workdir)
     data, run = work / "data", work / f"run-{args.preset}"
@@ -86,22 +88,15 @@ def main() -> None:
     print(f"\nstatic held-out bpc ({len(held):,} chars, state carried): {static:.4f}  [{loaded.path}]")
 
     if args.dynamic_chars:
-        tune = train_ids[-20000:]  # tuned on training text only
-        if args.dynamic:
-            lr, decay = (float(v) for v in args.dynamic.split(","))
-            _, tail_bits = dynamic_bpc(model, tune, lr=lr, decay=decay, per_char=True)
-        else:
-            best = None
-            for lr in (1e-4, 3e-4, 1e-3):
-                for decay in (0.0, 1e-3):
-                    b, bits = dynamic_bpc(model, tune, lr=lr, decay=decay, per_char=True)
-                    print(f"  tune on training tail: lr {lr:.0e} decay {decay:.0e} -> {b:.4f}")
-                    if best is None or b < best[0]:
-                        best = (b, lr, decay, bits)
-            _, lr, decay, tail_bits = best
+        # evaluate's defaults (chosen by bench/dynamic.py on held-out text of other runs) unless given
+        lr, decay = ((float(v) for v in args.dynamic.split(",")) if args.dynamic
+                     else (EvaluateConfig.dynamic_lr, EvaluateConfig.dynamic_decay))
+        segment = EvaluateConfig.segment
+        tune = train_ids[-20000:]
+        _, tail_bits = dynamic_bpc(model, tune, segment=segment, lr=lr, decay=decay, per_char=True)
         target = held if args.dynamic_chars < 0 else held[: args.dynamic_chars]
         t0 = time.time()
-        dyn, lstm_bits = dynamic_bpc(model, target, lr=lr, decay=decay, per_char=True)
+        dyn, lstm_bits = dynamic_bpc(model, target, segment=segment, lr=lr, decay=decay, per_char=True)
         print(f"dynamic held-out bpc (lr {lr:.0e}, decay {decay:.0e}, {len(target):,} chars, {time.time() - t0:.0f} s): {dyn:.4f}")
 
         # Mixture with the adaptive count model (orders 0-10); the gate's online step size is chosen

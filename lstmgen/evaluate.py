@@ -86,13 +86,14 @@ def carried_bpc(model: CharLSTM, ids: np.ndarray, rows: int = 16, segment: int =
     return bits / n
 
 
-def dynamic_bpc(model: CharLSTM, ids: np.ndarray | Iterable[np.ndarray], segment: int = 50, lr: float = 3e-4, decay: float = 0.0,
+def dynamic_bpc(model: CharLSTM, ids: np.ndarray | Iterable[np.ndarray], segment: int, lr: float, decay: float = 0.0,
                 beta: float = 0.99, eps: float = 1e-8, progress: bool = False, per_char: bool = False):
     """Dynamic evaluation: score each ``segment`` characters first, then take one gradient step
     on them, as a compressor adapts to the text it has read. Steps are RMS-normalised (a running
     mean of squared gradients, as RMSprop), and ``decay`` pulls the weights back toward the
-    trained ones each step. The model is restored afterwards. Tune ``lr``/``decay`` on training
-    text, never on the split being scored."""
+    trained ones each step. The model is restored afterwards. Choose ``lr``/``decay`` on text the
+    model never trained on (a model that memorised its training text wants smaller steps there)
+    and never on the split being scored: bench/dynamic.py."""
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     mean_sq = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     was_training = model.training

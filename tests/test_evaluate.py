@@ -44,6 +44,17 @@ def test_dynamic_evaluation_adapts_and_restores_the_weights():
         assert torch.equal(p, before[n])
 
 
+def test_dynamic_decay_pulls_the_weights_back_to_the_trained_ones():
+    """decay 1 undoes every step (the static score); a small decay keeps part of the gain."""
+    model = _model()
+    ids = np.tile(np.random.default_rng(1).integers(0, 20, 60), 40)
+    static = carried_bpc(model, ids, rows=1)
+    assert abs(dynamic_bpc(model, ids, segment=50, lr=3e-3, decay=1.0) - static) < 1e-4
+    free = dynamic_bpc(model, ids, segment=50, lr=3e-3)
+    pulled = dynamic_bpc(model, ids, segment=50, lr=3e-3, decay=0.01)
+    assert free < pulled < static - 0.1, (free, pulled, static)
+
+
 def test_context_counts_match_a_direct_count():
     from lstmgen.mixture import context_counts
 
