@@ -3,9 +3,10 @@
 Dynamic evaluation (`lstmgen evaluate --dynamic`) takes a gradient step after scoring each
 segment, so the model adapts to the text it reads. How large a step pays cannot be learnt on the
 training text: a model trained for an hour has memorised it (its held-out bpc is 0.2 above its
-training bpc), so there is little left to adapt to and the smallest step wins there. This script
-chooses on the first half of the held-out split, then scores the second half, which the choice
-never saw, with `lstmgen evaluate`'s defaults and with the chosen setting side by side; last, the
+training bpc), so there is little left to adapt to and smaller steps win there. This script
+scores a grid of settings on the last 20,000 training characters and on the first half of the
+held-out split side by side, chooses on the held-out half, then scores the second half, which the
+choice never saw, with `lstmgen evaluate`'s defaults and with the chosen setting side by side; last, the
 whole split as `lstmgen evaluate --dynamic --mix-counts 10` reports it, with the chosen setting.
 
     python bench/dynamic.py --run bench/out/peer60/run-lstm --data bench/out/peer60/data
@@ -25,6 +26,8 @@ from lstmgen.config import EvaluateConfig  # noqa: E402
 from lstmgen.evaluate import dynamic_bpc, evaluate  # noqa: E402
 from lstmgen.windows import split_ids  # noqa: E402
 
+TAIL = 20_000  # training characters, as bench/quality.py chose on them before
+
 
 def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
@@ -43,21 +46,25 @@ def main() -> None:
     model = loaded.model()
     held = split_ids(args.data, "valid")
     first, second = held[: len(held) // 2], held[len(held) // 2 :]
+    tail = split_ids(args.data, "train")[-TAIL:]
     default = EvaluateConfig(checkpoint=args.run, data=args.data)
     print(f"{loaded.path}: held-out {len(held):,} chars; choose on the first {len(first):,}, "
           f"score the last {len(second):,}")
 
-    print(f"\n{'lr':>7} {'decay':>7} {'first half bpc':>14} {'seconds':>7}")
-    grid = {}
+    print(f"\n{'lr':>7} {'decay':>7} {'training tail bpc':>17} {'held-out first half bpc':>23} {'seconds':>7}")
+    grid, tail_grid = {}, {}
     for lr in args.lrs:
         for decay in args.decays:
             t0 = time.time()
+            tail_grid[lr, decay] = dynamic_bpc(model, tail, segment=default.segment, lr=lr, decay=decay)
             grid[lr, decay] = dynamic_bpc(model, first, segment=default.segment, lr=lr, decay=decay)
-            print(f"{lr:7.0e} {decay:7.0e} {grid[lr, decay]:14.4f} {time.time() - t0:7.0f}", flush=True)
+            print(f"{lr:7.0e} {decay:7.0e} {tail_grid[lr, decay]:17.4f} {grid[lr, decay]:23.4f} {time.time() - t0:7.0f}", flush=True)
     lr, decay = min(grid, key=grid.get)
+    tail_lr, tail_decay = min(tail_grid, key=tail_grid.get)
 
     print("\nsecond half (never seen by the choice):")
     settings = {"static (no steps)": (0.0, 0.0),
+                f"chosen on the training tail (lr {tail_lr:.0e}, decay {tail_decay:.0e})": (tail_lr, tail_decay),
                 f"evaluate's defaults (lr {default.dynamic_lr:.0e}, decay {default.dynamic_decay:.0e})":
                     (default.dynamic_lr, default.dynamic_decay),
                 f"chosen on the first half (lr {lr:.0e}, decay {decay:.0e})": (lr, decay)}
@@ -66,8 +73,9 @@ def main() -> None:
 
     whole = evaluate(EvaluateConfig(checkpoint=args.run, data=args.data, dynamic=True, dynamic_lr=lr,
                                     dynamic_decay=decay, mix_counts=args.mix_counts))
-    print(f"\nwhole split, lr {lr:.0e}, decay {decay:.0e}: dynamic {whole['bpc']:.4f}, "
-          f"count model alone {whole['count_bpc']:.4f}, dynamic LSTM + count model {whole['mixture_bpc']:.4f}")
+    counts = (f", count model alone {whole['count_bpc']:.4f}, dynamic LSTM + count model {whole['mixture_bpc']:.4f}"
+              if args.mix_counts else "")
+    print(f"\nwhole split, lr {lr:.0e}, decay {decay:.0e}: dynamic {whole['bpc']:.4f}{counts}")
 
 
 if __name__ == "__main__":
