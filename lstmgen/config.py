@@ -227,8 +227,7 @@ class EvaluateConfig:
     dynamic: bool = False  # dynamic evaluation: adapt to the text as it is scored
     segment: int = 50
     # chosen on held-out text, the first half of four 60-minute runs' splits (bench/dynamic.py;
-    # docs/results.md, "Dynamic evaluation's step size"): a model that memorised its training text
-    # wants smaller steps there, so training text is the wrong place to choose them
+    # docs/results.md, "Dynamic evaluation's step size")
     dynamic_lr: float = 1e-3
     dynamic_decay: float = 1e-3
     mix_counts: int = 0  # > 0: also mix with an adaptive count model of context orders 0..this (lstmgen.mixture)

@@ -92,8 +92,8 @@ def dynamic_bpc(model: CharLSTM, ids: np.ndarray | Iterable[np.ndarray], segment
     on them, as a compressor adapts to the text it has read. Steps are RMS-normalised (a running
     mean of squared gradients, as RMSprop), and ``decay`` pulls the weights back toward the
     trained ones each step. The model is restored afterwards. Choose ``lr``/``decay`` on text the
-    model never trained on (a model that memorised its training text wants smaller steps there)
-    and never on the split being scored: bench/dynamic.py."""
+    model never trained on (on training text, which the model has partly memorised, smaller steps
+    can win) and never on the split being scored: bench/dynamic.py."""
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     mean_sq = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     was_training = model.training
