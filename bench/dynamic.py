@@ -7,7 +7,7 @@ the model never trained on: a model trained for an hour has partly memorised its
 without the decay smaller steps win there. This script
 scores a grid of settings on the last 20,000 training characters and on the first half of the
 held-out split side by side, chooses on the held-out half, then scores the second half, which the
-choice never saw, with `lstmgen evaluate`'s defaults and with the chosen setting side by side; last, the
+choice never saw: static, the training tail's choice, `lstmgen evaluate`'s defaults and the held-out choice; last, the
 whole split as `lstmgen evaluate --dynamic --mix-counts 10` reports it, with the chosen setting.
 
     python bench/dynamic.py --run bench/out/peer60/run-lstm --data bench/out/peer60/data

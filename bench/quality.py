@@ -4,7 +4,7 @@ side with general-purpose compressors on the same split, computed in the same ru
 Trains with a preset under its time budget (`lstmgen train --preset P`, the real CLI), prints the
 bits-per-character curve, the static held-out bpc (state carried), and the dynamic-evaluation
 bpc with `lstmgen evaluate`'s step size and decay (or `--dynamic LR,DECAY`; bench/dynamic.py
-chooses them on held-out text, never on the training text the model has memorised).
+chooses them on held-out text, not on the training text the model has partly memorised).
 Compressors: gzip, bzip2, xz on the held-out text alone and given the training text first
 ((size(train + heldout) - size(train)) x 8 / chars), and 7z PPMd when `7z` is installed.
 
