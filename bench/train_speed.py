@@ -3,10 +3,12 @@ fp32 and under bf16 autocast (`--precision bf16`), on the same weights, in one
 process, interleaved rounds (the machine is noisy: compare ratios, not absolute figures). Prints
 a table and the ratios per size. bf16 pays where the CPU has bf16 matrix instructions (AMX,
 AVX-512 BF16: `grep -o 'amx_bf16\|avx512_bf16' /proc/cpuinfo`); on a CPU without them the
-fused cell runs fp32 even under bf16 autocast (oneDNN has no bf16 LSTM there).
+fused cell runs fp32 even under bf16 autocast (oneDNN has no bf16 LSTM there). The process keeps
+freed memory for reuse as `lstmgen train`'s workers do (`keep_freed_memory`); `--malloc-defaults`
+leaves glibc's defaults, which page-fault every step's large buffers in again.
 
     python bench/train_speed.py [--threads 2] [--rounds 5] [--batch 32] [--sizes 256x1,512x1,512x2]
-    python bench/train_speed.py --batch 8 --sizes 384x1   # the defaults' size
+    python bench/train_speed.py --batch 8 --sizes 384x1 --threads 1   # the defaults, one worker's share
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char  # noqa: E402
+from lstmgen.train import keep_freed_memory  # noqa: E402
 
 
 def chars_per_s(model, opt, x, y, steps: int, bf16: bool) -> float:
@@ -43,11 +46,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--sizes", default="256x1,512x1,512x2", help="HIDDENxLAYERS,...")
+    ap.add_argument("--malloc-defaults", action="store_true", help="leave glibc's malloc as it is")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    kept = not args.malloc_defaults and keep_freed_memory()
     variants = {"explicit fp32": ("explicit", False), "explicit bf16": ("explicit", True), "fused fp32": ("fused", False),
                 "fused bf16": ("fused", True)}
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seq} chars, vocab 260")
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seq} chars, vocab 260, "
+          + ("freed memory kept for reuse" if kept else "malloc's defaults"))
     print(f"{'hidden':>6} {'layers':>6} | " + " ".join(f"{name + ' chars/s':>20}" for name in variants)
           + " | explicit/fused fp32  bf16  | explicit bf16/fp32")
     for size in args.sizes.split(","):

@@ -16,9 +16,9 @@ Three paths run those weights; ``LSTM.forward`` picks one:
     cell="fused"                   torch.nn.LSTM's own kernel (oneDNN on a CPU, cuDNN on a GPU)
     explicit, autograd off         ``lstm_cell`` per step, exactly the equations above: evaluation
                                    and generation (one character at a time, state carried)
-    explicit, autograd on          ``LSTMRecurrence``: the same equations, time-major with the
-                                   gates reordered, and backpropagation through time written out
-                                   instead of autograd's graph of 64 small steps (training speed)
+    explicit, autograd on          ``LSTMRecurrence``: the same equations, time-major, with
+                                   backpropagation through time written out instead of
+                                   autograd's graph of 64 small steps (training speed)
 
 Both explicit paths do each step's hidden matmul through ``StepMatmul``: oneDNN's private linear
 ops on a CPU (a weight reordered once), ``torch.addmm`` wherever those are missing or disabled
@@ -70,21 +70,24 @@ class StepMatmul:
     """
 
     def __init__(self, weight: Tensor):
-        self.weight_t = weight.t()
+        self.weight_t, self.dtype = weight.t(), weight.dtype
         self.packed = None
         if weight.device.type == "cpu" and _onednn_linear(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+            # the ops, looked up once: torch.ops' lookups cost about as much as a small op, every step
+            self.linear_add = torch.ops.mkldnn._linear_pointwise.binary
+            self.linear = torch.ops.mkldnn._linear_pointwise.default
 
     def __call__(self, x: Tensor, add: Tensor) -> Tensor:
-        w = self.weight_t
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
         if self.packed is not None:
-            x = x.to(w.dtype)
-            if add.dtype == w.dtype:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, None, "add")
-            return add + torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        if add.dtype == w.dtype:
-            return torch.addmm(add, x.to(w.dtype), w)
-        return add + torch.mm(x.to(w.dtype), w).to(add.dtype)
+            if add.dtype == self.dtype:
+                return self.linear_add(x, add, self.packed, None, "add")
+            return add + self.linear(x, self.packed, None, "none", [], "")
+        if add.dtype == self.dtype:
+            return torch.addmm(add, x, self.weight_t)
+        return add + torch.mm(x, self.weight_t).to(add.dtype)
 
 
 def _onednn_linear(dtype: torch.dtype) -> bool:
@@ -122,17 +125,20 @@ def lstm_cell(xw: Tensor, h: Tensor, c: Tensor, w_hh: StepMatmul) -> tuple[Tenso
 class LSTMRecurrence(torch.autograd.Function):
     """One layer's time loop for training, with backpropagation through time written out.
 
-    Works time-major, ``(time, batch, 4H)``, so every step reads and writes contiguous rows, with
-    the gates in the order o, i, f, g (``gate_order`` permutes nn.LSTM's i, f, g, o). On a CPU
-    tanh costs about three sigmoids, so the loop computes the candidate gate's tanh(z) as
-    2 sigmoid(2z) - 1: the caller passes the g rows of ``xw`` and ``w_hh`` doubled (``gate_scale``), one sigmoid covers
-    all four gates, and the backward's g factor carries the 1/2. Forward runs without an autograd
-    graph, keeping the gate activations, cell states and tanh of the cell states.
-    Backward precomputes, for all steps at once, every factor that does not depend on the
-    gradient flowing back in time, so each step is five small ops: one matmul for the gradient
-    into the previous hidden state, two for the cell-state gradient, two for the gate gradients.
-    The hidden weights' gradient is one large matmul over all steps, not one outer product per
-    step as autograd would do. ``tests/test_model.py`` checks it against ``torch.nn.LSTM``.
+    Works time-major, ``(time, batch, 4H)``, so every step reads and writes contiguous rows, in
+    nn.LSTM's gate order i, f, g, o. On a CPU tanh costs about three sigmoids, so the loop computes
+    the candidate gate's tanh(z) as 2 sigmoid(2z) - 1: the caller passes the g rows of ``xw``
+    doubled, this function doubles those of ``w_hh`` (``gate_scale``), one sigmoid covers all four
+    gates, and the backward's g factor carries the 1/2.
+
+    Forward runs without an autograd graph, keeping the gate activations, cell states and tanh of
+    the cell states. Backward computes, for all steps at once and in place in one buffer, every
+    factor that does not depend on the gradient flowing back in time, so each step is five small
+    ops: one matmul for the gradient into the previous hidden state, two for the cell-state
+    gradient, two for the gate gradients. The hidden weights' gradient is one large matmul over
+    all steps, not one outer product per step as autograd would do. Large temporaries are few on
+    purpose: each is memory traffic, and page faults where freed memory goes back to the kernel
+    (``train.keep_freed_memory``). ``tests/test_model.py`` checks it against ``torch.nn.LSTM``.
     """
 
     @staticmethod
@@ -145,24 +151,28 @@ class LSTMRecurrence(torch.autograd.Function):
     def _forward(ctx, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor):
         steps, batch, four_h = xw.shape
         hidden = four_h // 4
-        hidden_matmul = StepMatmul(w_hh.to(xw.dtype))  # compute dtype: xw's
-        # states and gate activations: the weights' dtype, at least fp32 (never bf16)
-        state = dict(dtype=torch.promote_types(w_hh.dtype, torch.float32), device=xw.device)
-        acts = torch.empty(xw.shape, **state)  # sigmoid(o), sigmoid(i), sigmoid(f), s = sigmoid(2 z_g)
+        compute = xw.dtype  # of each step's matmul, and of what only feeds matmuls
+        weight_dtype, w_hh = w_hh.dtype, w_hh.to(compute, copy=True)
+        w_hh[2 * hidden : 3 * hidden] *= 2  # the g rows (gate_scale), exact in any dtype
+        hidden_matmul = StepMatmul(w_hh)
+        # cell states: the weights' dtype, at least fp32 (never bf16), because c sums over every step
+        state = dict(dtype=torch.promote_types(weight_dtype, torch.float32), device=xw.device)
+        acts = torch.empty(xw.shape, **state)  # sigmoid(i), sigmoid(f), s = sigmoid(2 z_g), sigmoid(o)
         cs = torch.empty(steps, batch, hidden, **state)
         tanh_cs = torch.empty_like(cs)
-        hs = torch.empty_like(cs)
-        h, c = h0.to(state["dtype"]), c0.to(state["dtype"])
+        hs = torch.empty(steps, batch, hidden, dtype=compute, device=xw.device)  # next step's matmul input
+        h, c = h0.to(compute), c0.to(state["dtype"])
         # per-step views made once (unbind), not by indexing inside the loop
         gates = (gate.unbind(0) for gate in acts.chunk(4, dim=2))
         per_step = zip(xw.unbind(0), acts.unbind(0), *gates, cs.unbind(0), tanh_cs.unbind(0), hs.unbind(0))
-        for xw_t, a, o, i, f, s, c_t, tanh_c_t, h_t in per_step:
+        for xw_t, a, i, f, s, o, c_t, tanh_c_t, h_t in per_step:
             torch.sigmoid(hidden_matmul(h, xw_t), out=a)
             c = torch.mul(f, c, out=c_t).sub_(i).addcmul_(i, s, value=2)  # f c + i (2s - 1) = f c + i tanh(z_g)
             h = torch.mul(o, torch.tanh(c, out=tanh_c_t), out=h_t)
         ctx.save_for_backward(acts, cs, tanh_cs, hs, h0, c0, w_hh)
-        ctx.compute_dtype = xw.dtype
-        return hs, h.clone(), c.clone()
+        ctx.weight_dtype = weight_dtype
+        h_last = acts[-1, :, 3 * hidden :] * tanh_cs[-1]  # the carried state in the state dtype, unrounded
+        return hs.to(state["dtype"]), h_last, c.clone()
 
     @staticmethod
     def backward(ctx, d_hs: Tensor, d_h: Tensor, d_c: Tensor):  # type: ignore[override]
@@ -171,49 +181,52 @@ class LSTMRecurrence(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_hs: Tensor, d_h: Tensor, d_c: Tensor):
-        acts, cs, tanh_cs, hs, h0, c0, w_hh_param = ctx.saved_tensors
-        cdt = ctx.compute_dtype
-        w_hh = w_hh_param.to(cdt)
-        d_hs = d_hs.to(acts.dtype) if d_hs is not None else None
+        acts, cs, tanh_cs, hs, h0, c0, w_hh = ctx.saved_tensors  # w_hh: scaled, compute dtype
+        compute, state = hs.dtype, cs.dtype
         steps, batch, four_h = acts.shape
         hidden = four_h // 4
-        o, i, f, s = acts.chunk(4, dim=2)
-        g = 2 * s - 1
-        c_prev = torch.cat([c0[None], cs[:-1]])
-        dc_from_dh = o * (1 - tanh_cs * tanh_cs)  # dc += dh * this
-        d_o_per_dh = tanh_cs * o * (1 - o)  # d(o gate pre-activation) = dh * this
-        d_ifg_per_dc = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g) / 2], dim=2).view(steps, batch, 3, hidden)
-        d_gates = torch.empty_like(acts)
-        d_hs = d_hs if d_hs is not None else acts.new_zeros(steps, batch, hidden)
+        # Per step, dc += dh * from_dh, d(i, f, g) = dc * ifg_per_dc, d(o) = dh * o_per_dh: these
+        # factors do not depend on the gradient flowing back, so they are made for all steps at once.
+        factors = torch.empty(steps, batch, 5, hidden, dtype=state, device=acts.device)
+        i_per_dc, f_per_dc, g_per_dc, o_per_dh, from_dh = factors.unbind(2)
+        i, f, s, o = acts.view(steps, batch, 4, hidden).unbind(2)
+        g = torch.mul(s, 2, out=g_per_dc).sub_(1)  # tanh(z_g) = 2s - 1, for now in g's slot
+        torch.addcmul(i, i, i, value=-1, out=i_per_dc).mul_(g)  # g i (1 - i)
+        torch.addcmul(f, f, f, value=-1, out=f_per_dc)  # f (1 - f) c_prev
+        f_per_dc[0].mul_(c0)
+        f_per_dc[1:].mul_(cs[:-1])
+        torch.addcmul(i, i, g.mul_(g), value=-1, out=g_per_dc).mul_(0.5)  # i (1 - g^2) / 2
+        torch.addcmul(o, o, o, value=-1, out=o_per_dh).mul_(tanh_cs)  # o (1 - o) tanh(c)
+        torch.mul(tanh_cs, tanh_cs, out=from_dh).mul_(o)
+        torch.sub(o, from_dh, out=from_dh)  # o (1 - tanh(c)^2)
+
+        d_gates = torch.empty(acts.shape, dtype=compute, device=acts.device)  # each step's feeds a matmul
+        d_hs = d_hs if d_hs is not None else acts.new_zeros(steps, batch, hidden, dtype=state)
         dh = d_hs[-1] + d_h if d_h is not None else d_hs[-1]
-        dc = d_c if d_c is not None else acts.new_zeros(batch, hidden)
+        dc = d_c if d_c is not None else acts.new_zeros(batch, hidden, dtype=state)
         back_matmul = StepMatmul(w_hh.t())  # d_gates @ w_hh
         d_hs_t, f_t, d_gates_t = d_hs.unbind(0), f.unbind(0), d_gates.unbind(0)
-        d_o_t = d_gates[:, :, :hidden].unbind(0)
-        d_ifg_t = d_gates[:, :, hidden:].view(steps, batch, 3, hidden).unbind(0)
-        factors = (x.unbind(0)[::-1] for x in (dc_from_dh, d_o_per_dh, d_ifg_per_dc))
-        for t, from_dh, o_per_dh, ifg_per_dc in zip(range(steps - 1, -1, -1), *factors):
+        d_ifg_t = d_gates[:, :, : 3 * hidden].view(steps, batch, 3, hidden).unbind(0)
+        d_o_t = d_gates[:, :, 3 * hidden :].unbind(0)
+        per_step = (x.unbind(0)[::-1] for x in (factors[:, :, :3], o_per_dh, from_dh))
+        for t, ifg_per_dc_t, o_per_dh_t, from_dh_t in zip(range(steps - 1, -1, -1), *per_step):
             if t < steps - 1:
                 dh = back_matmul(d_gates_t[t + 1], d_hs_t[t])
                 dc = dc * f_t[t + 1]
-            dc = torch.addcmul(dc, dh, from_dh)
-            torch.mul(dh, o_per_dh, out=d_o_t[t])
-            torch.mul(dc[:, None], ifg_per_dc, out=d_ifg_t[t])
-        dh = (d_gates[0].to(cdt) @ w_hh).to(acts.dtype)
+            dc = torch.addcmul(dc, dh, from_dh_t)
+            torch.mul(dc[:, None], ifg_per_dc_t, out=d_ifg_t[t])
+            torch.mul(dh, o_per_dh_t, out=d_o_t[t])
+        dh = d_gates[0] @ w_hh
         dc = dc * f[0]
-        h_prev = torch.cat([h0[None].to(acts.dtype), hs[:-1]])
-        d_w_hh = (d_gates.reshape(-1, four_h).t().to(cdt) @ h_prev.reshape(-1, hidden).to(cdt)).to(acts.dtype)
-        return d_gates.to(cdt), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh_param.dtype)
-
-
-def gate_order(hidden: int) -> Tensor:
-    """Row permutation from nn.LSTM's gate order (i, f, g, o) to the recurrence's (o, i, f, g)."""
-    return torch.cat([torch.arange(3 * hidden, 4 * hidden), torch.arange(0, 3 * hidden)])
+        h_prev = torch.cat([h0[None].to(compute), hs[:-1]])
+        d_w_hh = (d_gates.reshape(-1, four_h).t() @ h_prev.reshape(-1, hidden)).to(ctx.weight_dtype)
+        d_w_hh[2 * hidden : 3 * hidden] *= 2  # the forward's g rows were doubled
+        return d_gates, dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh
 
 
 def gate_scale(hidden: int) -> Tensor:
-    """Per-row factor in the recurrence's gate order: 2 on the g rows (see LSTMRecurrence)."""
-    return torch.cat([torch.ones(3 * hidden), torch.full((hidden,), 2.0)])[:, None]
+    """Per-row factor in nn.LSTM's gate order i, f, g, o: 2 on the g rows (see LSTMRecurrence)."""
+    return torch.cat([torch.ones(2 * hidden), torch.full((hidden,), 2.0), torch.ones(hidden)])[:, None]
 
 
 class LSTM(nn.LSTM):
@@ -226,11 +239,12 @@ class LSTM(nn.LSTM):
     - weights and optimizer state: fp32 always (autocast never changes parameters), so every
       checkpoint is fp32 and loads for either cell and either precision;
     - the input projection ``xw`` (one linear over all timesteps): autocast's choice, bf16. Its
-      dtype is the recurrence's compute dtype: the hidden weight is cast to it once per call,
-      ``h`` at each step, for the per-step matmul (``StepMatmul``);
-    - gate activations, cell and hidden states, and the state carried between batches: fp32 (the
-      weights' dtype if wider), with autocast off inside ``LSTMRecurrence``, because the cell
-      state sums over every timestep;
+      dtype is the recurrence's compute dtype: the hidden weight is cast to it once per call for
+      the per-step matmul (``StepMatmul``), and what only feeds that matmul is kept in it: each
+      step's ``h`` as the next step's input, each step's gate gradients in the backward;
+    - gate activations, cell states, the layer's outputs and the state carried between batches:
+      fp32 (the weights' dtype if wider), with autocast off inside ``LSTMRecurrence``, because
+      the cell state sums over every timestep;
     - gradients: the backward's matmuls run in the compute dtype, the gradients that reach the
       weights and the states are fp32;
     - logits: autocast's (bf16); the loss is taken in fp32 (``train.py``).
@@ -277,12 +291,12 @@ class LSTM(nn.LSTM):
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh = (getattr(self, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             h, c = state[k]
-            if torch.is_grad_enabled():  # training: time-major, gates reordered, BPTT by hand
-                order, scale = gate_order(self.hidden_size).to(x.device), gate_scale(self.hidden_size).to(x)
-                xw = F.linear(x.transpose(0, 1), w_ih[order] * scale, (b_ih + b_hh)[order] * scale[:, 0])  # (time, batch, 4H)
+            if torch.is_grad_enabled():  # training: time-major, BPTT by hand
+                scale = gate_scale(self.hidden_size).to(x)
+                xw = F.linear(x.transpose(0, 1), w_ih * scale, (b_ih + b_hh) * scale[:, 0])  # (time, batch, 4H)
                 if self.training and self.weight_drop:  # DropConnect: one mask over the batch, every step
                     w_hh = F.dropout(w_hh, self.weight_drop)
-                x, h, c = LSTMRecurrence.apply(xw, h, c, w_hh[order] * scale)
+                x, h, c = LSTMRecurrence.apply(xw, h, c, w_hh)
                 x = x.transpose(0, 1)
             else:
                 # inference (evaluation, generation): the cell as written above

@@ -3,6 +3,9 @@ the protocol by which the workers agree on every step, and the loader that feeds
 Data, real Parquet)."""
 
 import json
+import platform
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -52,6 +55,32 @@ def _epochs(*lengths: int):
             yield i
 
     return epoch, read
+
+
+FAULTS = """
+import resource, sys, torch
+from lstmgen.train import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def steps(n):  # like a training step: several large buffers alive at once, then all freed
+    for _ in range(n):
+        buffers = [torch.ones(1 << 20) for _ in range(6)]  # 4 MiB each, written
+        del buffers
+steps(2)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+steps(10)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_kept_memory_is_reused_without_page_faults():
+    """Each worker calls keep_freed_memory: a step's large buffers, freed and allocated again, are
+    not faulted in again from the kernel. Each case in its own process (the setting is process-wide)."""
+    faults = {case: int(subprocess.run([sys.executable, "-c", FAULTS, case], capture_output=True, text=True,
+                                       check=True).stdout) for case in ("defaults", "keep")}
+    assert faults["defaults"] > 10 * 1024, faults  # glibc hands the buffers back and faults them in again
+    assert faults["keep"] * 10 < faults["defaults"], faults
 
 
 def test_agreed_batches_go_on_across_epochs_and_stop_where_the_budget_ends():
