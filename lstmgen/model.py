@@ -62,17 +62,17 @@ class StepMatmul:
     nn.LSTM's own CPU kernel does) and each step runs oneDNN's linear with the add fused in, so
     no step pays to reorder the weight again (``torch.addmm`` does; bench/train_speed.py and
     docs/results.md, "Training speed", say by how much). A bf16 weight takes the same path where
-    the CPU has bf16 instructions (AVX-512 BF16, AMX). Elsewhere (GPU, builds without oneDNN) it
-    is ``torch.addmm``.
+    the CPU has bf16 instructions (AVX-512 BF16, AMX). Elsewhere (GPU, builds without oneDNN), and
+    where the caller asks for no reordered copy (``pack=False``), it is ``torch.addmm``.
 
     The product runs in the weight's dtype (the compute dtype, see "Precision" in LSTM) and the
     result has ``add``'s dtype, so an fp32 state or gradient can be added to a bf16 product.
     """
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, pack: bool = True):
         self.weight_t, self.dtype = weight.t(), weight.dtype
         self.packed = None
-        if weight.device.type == "cpu" and _onednn_linear(weight.dtype):
+        if pack and weight.device.type == "cpu" and _onednn_linear(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
             # the ops, looked up once: torch.ops' lookups cost about as much as a small op, every step
             self.linear_add = torch.ops.mkldnn._linear_pointwise.binary
@@ -204,7 +204,9 @@ class LSTMRecurrence(torch.autograd.Function):
         d_hs = d_hs if d_hs is not None else acts.new_zeros(steps, batch, hidden, dtype=state)
         dh = d_hs[-1] + d_h if d_h is not None else d_hs[-1]
         dc = d_c if d_c is not None else acts.new_zeros(batch, hidden, dtype=state)
-        back_matmul = StepMatmul(w_hh.t())  # d_gates @ w_hh
+        # d_gates @ w_hh. In fp32, addmm on w_hh as it lies beats oneDNN on a transposed, reordered
+        # copy, and makes no copy (bench/train_speed.py); in bf16 the reordered copy wins.
+        back_matmul = StepMatmul(w_hh.t(), pack=compute != torch.float32)
         d_hs_t, f_t, d_gates_t = d_hs.unbind(0), f.unbind(0), d_gates.unbind(0)
         d_ifg_t = d_gates[:, :, : 3 * hidden].view(steps, batch, 3, hidden).unbind(0)
         d_o_t = d_gates[:, :, 3 * hidden :].unbind(0)
