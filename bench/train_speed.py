@@ -5,7 +5,7 @@ a table and the ratios per size. bf16 pays where the CPU has bf16 matrix instruc
 AVX-512 BF16: `grep -o 'amx_bf16\|avx512_bf16' /proc/cpuinfo`); on a CPU without them the
 fused cell runs fp32 even under bf16 autocast (oneDNN has no bf16 LSTM there). The process keeps
 freed memory for reuse as `lstmgen train`'s workers do (`keep_freed_memory`); `--malloc-defaults`
-leaves glibc's defaults, which page-fault every step's large buffers in again.
+leaves glibc's defaults, under which a step's large buffers may be faulted in again every step.
 
     python bench/train_speed.py [--threads 2] [--rounds 5] [--batch 32] [--sizes 256x1,512x1,512x2]
     python bench/train_speed.py --batch 8 --sizes 384x1 --threads 1   # the defaults, one worker's share

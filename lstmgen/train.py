@@ -221,10 +221,12 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
 
     A training step allocates and frees the same large buffers (activations, the recurrence's
-    saved states and backward factors, gradients) every step. By default glibc maps each buffer
-    over its mmap threshold fresh and unmaps it when freed, so every step page-faults its buffers in
-    again: about a tenth of a 1 x 384 CPU step (docs/results.md, "Training speed"). With the
-    threshold at glibc's maximum (32 MiB) and trimming only above 1 GiB, the freed buffers are
+    saved states and backward factors, gradients) every step. By default glibc may map a buffer
+    over its mmap threshold fresh and unmap it when freed, or trim the heap under it; whether it
+    does depends on the process's allocation history, and where it does, every step page-faults
+    those buffers in again (a first write into a fresh 3.9 MB buffer: 0.68 ms, against 0.10 ms
+    into reused memory; docs/results.md, "Training speed of the explicit cell"). With the
+    threshold at glibc's maximum (32 MiB) and trimming only above 1 GiB, freed buffers are always
     reused. Process-wide; returns False, changing nothing, where the C library is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return False
