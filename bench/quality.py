@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lstmgen import checkpoint  # noqa: E402
 from lstmgen.config import EvaluateConfig  # noqa: E402
-from lstmgen.evaluate import carried_bpc, dynamic_bpc  # noqa: E402
+from lstmgen.evaluate import PRIOR_CHARS, carried_bpc, dynamic_bpc, gradient_mean_square  # noqa: E402
 from lstmgen.windows import split_ids  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -93,10 +93,11 @@ def main() -> None:
                      else (EvaluateConfig.dynamic_lr, EvaluateConfig.dynamic_decay))
         segment = EvaluateConfig.segment
         tune = train_ids[-20000:]
-        _, tail_bits = dynamic_bpc(model, tune, segment=segment, lr=lr, decay=decay, per_char=True)
+        mean_sq = gradient_mean_square(model, train_ids[:PRIOR_CHARS], segment)  # as evaluate --dynamic
+        _, tail_bits = dynamic_bpc(model, tune, segment=segment, lr=lr, decay=decay, mean_sq=mean_sq, per_char=True)
         target = held if args.dynamic_chars < 0 else held[: args.dynamic_chars]
         t0 = time.time()
-        dyn, lstm_bits = dynamic_bpc(model, target, segment=segment, lr=lr, decay=decay, per_char=True)
+        dyn, lstm_bits = dynamic_bpc(model, target, segment=segment, lr=lr, decay=decay, mean_sq=mean_sq, per_char=True)
         print(f"dynamic held-out bpc (lr {lr:.0e}, decay {decay:.0e}, {len(target):,} chars, {time.time() - t0:.0f} s): {dyn:.4f}")
 
         # Mixture with the adaptive count model (orders 0-10); the gate's online step size is chosen

@@ -226,8 +226,8 @@ class EvaluateConfig:
     rows: int = 16  # the split is cut into this many rows, scored side by side with state carried
     dynamic: bool = False  # dynamic evaluation: adapt to the text as it is scored
     segment: int = 50
-    # chosen on held-out text, the first half of four 60-minute runs' splits (bench/dynamic.py;
-    # docs/results.md, "Dynamic evaluation's step size")
+    # in units of the gradient's RMS on training text; chosen on held-out text, the first half of a
+    # 60-minute run's split (bench/dynamic.py; docs/results.md, "Dynamic evaluation's step scale")
     dynamic_lr: float = 1e-3
     dynamic_decay: float = 1e-3
     mix_counts: int = 0  # > 0: also mix with an adaptive count model of context orders 0..this (lstmgen.mixture)

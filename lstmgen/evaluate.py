@@ -86,16 +86,57 @@ def carried_bpc(model: CharLSTM, ids: np.ndarray, rows: int = 16, segment: int =
     return bits / n
 
 
+PRIOR_CHARS = 100_000  # training characters the gradients' mean square is measured on
+PRIOR_FLOOR = 0.01  # no parameter's mean square below this share of the mean over all of them
+
+
+def gradient_mean_square(model: CharLSTM, ids: np.ndarray, segment: int) -> dict[str, torch.Tensor]:
+    """Each parameter's mean squared gradient over ``segment``-character steps of ``ids``
+    (training text, state carried), which dynamic evaluation divides its steps by: measured
+    before the scored text is read, it sizes the first steps as well as the last (a running mean
+    that starts at zero makes the first steps ten times too large). A parameter the text never
+    moved (the embedding of a character it lacks) would get an unbounded step, so each mean
+    square is held at least ``PRIOR_FLOOR`` of the mean over all parameters."""
+    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    text, state, steps = Stream([ids]), None, 0
+    while len(piece := text.take(segment)) >= 2:
+        block = torch.from_numpy(piece.astype(np.int64))[None, :]
+        model.zero_grad(set_to_none=True)
+        logits, state = model(block[:, :-1], state)
+        F.cross_entropy(logits.float()[0], block[0, 1:]).backward()
+        state = detach(state)
+        steps += 1
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                sums[n].add_(p.grad.square())
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    if steps == 0:
+        raise LstmgenError("dynamic evaluation needs at least 2 characters of training text")
+    mean_sq = {n: v / steps for n, v in sums.items()}
+    overall = torch.cat([v.flatten() for v in mean_sq.values()]).mean()
+    floor = max(PRIOR_FLOOR * overall.item(), torch.finfo(torch.float32).tiny)
+    return {n: v.clamp(min=floor) for n, v in mean_sq.items()}
+
+
 def dynamic_bpc(model: CharLSTM, ids: np.ndarray | Iterable[np.ndarray], segment: int, lr: float, decay: float = 0.0,
-                beta: float = 0.99, eps: float = 1e-8, progress: bool = False, per_char: bool = False):
-    """Dynamic evaluation: score each ``segment`` characters first, then take one gradient step
-    on them, as a compressor adapts to the text it has read. Steps are RMS-normalised (a running
-    mean of squared gradients, as RMSprop), and ``decay`` pulls the weights back toward the
-    trained ones each step. The model is restored afterwards. Choose ``lr``/``decay`` on text the
-    model never trained on (on training text, which the model has partly memorised, smaller steps
-    can win) and never on the split being scored: bench/dynamic.py."""
+                mean_sq: dict[str, torch.Tensor] | None = None, progress: bool = False, per_char: bool = False):
+    """Dynamic evaluation (Krause et al., 2018): score each ``segment`` characters first, then
+    take one gradient step on them, as a compressor adapts to the text it has read. Each step is
+    divided by the gradient's RMS measured on training text (``mean_sq``, from
+    ``gradient_mean_square``; needed when ``lr`` > 0), and ``decay`` pulls the weights back
+    toward the trained ones, harder where that RMS is larger (at most all the way). The model is
+    restored afterwards. Choose ``lr``/``decay`` on text the model never trained on and never on
+    the split being scored: bench/dynamic.py."""
+    if lr > 0 and mean_sq is None:
+        raise ValueError("dynamic evaluation's steps need the gradients' mean square (gradient_mean_square)")
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mean_sq = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    if mean_sq is not None:
+        rms = {n: v.sqrt() for n, v in mean_sq.items()}
+        mean_rms = torch.cat([v.flatten() for v in rms.values()]).mean()
+        pull = {n: (decay * v / mean_rms).clamp(max=1.0) for n, v in rms.items()}
     was_training = model.training
     model.eval()  # no dropout while adapting
     text = Stream([ids] if isinstance(ids, np.ndarray) else ids)
@@ -107,28 +148,29 @@ def dynamic_bpc(model: CharLSTM, ids: np.ndarray | Iterable[np.ndarray], segment
             x, y = block[:, :-1], block[:, 1:]
             model.zero_grad(set_to_none=True)
             logits, state = model(x, state)
-            each = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+            each = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
             nats = each.sum()
             total_bits += nats.item() / math.log(2)  # counted before the update
             total += y.numel()
             if per_char:
                 pieces.append(each.detach().numpy() / math.log(2))
-            (nats / y.numel()).backward()
             state = detach(state)
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if p.grad is None:
-                        continue
-                    mean_sq[n].mul_(beta).addcmul_(p.grad, p.grad, value=1 - beta)
-                    p.sub_(lr * p.grad / (mean_sq[n].sqrt() + eps))
-                    if decay:
-                        p.add_(decay * (trained[n] - p))
+            if lr > 0:
+                (nats / y.numel()).backward()
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if p.grad is None:
+                            continue
+                        p.sub_(lr * p.grad / rms[n])
+                        if decay:
+                            p.add_(pull[n] * (trained[n] - p))
             if progress and (total // segment) % 500 == 1:
                 print(f"dynamic: {total:,} chars, {total_bits / total:.4f} bpc, {time.time() - t0:.0f} s", flush=True)
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(trained[n])
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
     if total == 0:
         raise LstmgenError("the evaluation split holds fewer than 2 characters")
@@ -167,17 +209,22 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     reader = SplitReader(cfg.data, cfg.split)  # streamed: memory stays flat however long the split
     t0 = time.time()
     extra: dict = {}
+    mean_sq = None
+    if cfg.dynamic:  # the steps' scale, from the start of the training text (bounded: PRIOR_CHARS)
+        mean_sq = gradient_mean_square(model, split_ids(cfg.data, "train", max_chars=PRIOR_CHARS), cfg.segment)
     if cfg.mix_counts:
         from lstmgen.mixture import Mixture
 
         ids = split_ids(cfg.data, cfg.split)  # the count model holds the text at once (its stated need)
         lr = cfg.dynamic_lr if cfg.dynamic else 0.0
-        bpc, lstm_bits = dynamic_bpc(model, ids, segment=cfg.segment, lr=lr, decay=cfg.dynamic_decay, per_char=True)
+        bpc, lstm_bits = dynamic_bpc(model, ids, segment=cfg.segment, lr=lr, decay=cfg.dynamic_decay,
+                                     mean_sq=mean_sq, per_char=True)
         mixture = Mixture(split_ids(cfg.data, "train"), ids, len(loaded.vocab), cfg.mix_counts)
         extra = {"count_bpc": float(mixture.count_bits(cfg.mix_lr).mean()),
                  "mixture_bpc": float(mixture.mixed_bits(lstm_bits, cfg.mix_lr).mean())}
     elif cfg.dynamic:
-        bpc = dynamic_bpc(model, reader.ids(), segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay, progress=True)
+        bpc = dynamic_bpc(model, reader.ids(), segment=cfg.segment, lr=cfg.dynamic_lr, decay=cfg.dynamic_decay,
+                          mean_sq=mean_sq, progress=True)
     else:
         bits, scored = carried_bits(model, reader.rows(cfg.rows))
         bpc = bits / scored
