@@ -47,9 +47,10 @@ def main() -> None:
     model = loaded.model()
     held = split_ids(args.data, "valid")
     first, second = held[: len(held) // 2], held[len(held) // 2 :]
-    tail = split_ids(args.data, "train")[-TAIL:]
+    train = split_ids(args.data, "train")
+    tail = train[-TAIL:]
     default = EvaluateConfig(checkpoint=args.run, data=args.data)
-    mean_sq = gradient_mean_square(model, split_ids(args.data, "train", max_chars=PRIOR_CHARS), default.segment)
+    mean_sq = gradient_mean_square(model, train[:PRIOR_CHARS], default.segment)  # as evaluate --dynamic
     print(f"{loaded.path}: held-out {len(held):,} chars; choose on the first {len(first):,}, "
           f"score the last {len(second):,}")
 

@@ -210,7 +210,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.time()
     extra: dict = {}
     mean_sq = None
-    if cfg.dynamic:  # the steps' scale, from the start of the training text (bounded: PRIOR_CHARS)
+    if cfg.dynamic and cfg.dynamic_lr > 0:  # the steps' scale, from the start of the training text (bounded: PRIOR_CHARS)
         mean_sq = gradient_mean_square(model, split_ids(cfg.data, "train", max_chars=PRIOR_CHARS), cfg.segment)
     if cfg.mix_counts:
         from lstmgen.mixture import Mixture
