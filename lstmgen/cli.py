@@ -156,7 +156,11 @@ def train(
                  max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
                  checkpoint_every=checkpoint_every, log_every=log_every, val_chars=val_chars, keep=keep, max_failures=max_failures)
     cfg = train_config(preset, data=storage.absolute(data), run=storage.absolute(run), resume=resume, **flags)
+    from lstmgen import steptime
+
+    steptime.mark("cli")
     _setup(s3_endpoint, address, workers=max(cfg.workers, cfg.workers_max))
+    steptime.mark("ray")
     from lstmgen.train import train as run_train
 
     metrics = run_train(cfg)

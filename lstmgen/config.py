@@ -80,7 +80,7 @@ class TrainConfig:
     max_minutes: float = 10.0  # > 0: stop (and finish the LR schedule) after this much wall time
     seed: int = 0
     # bookkeeping
-    eval_every: int = 250
+    eval_every: int = 1000  # with its checkpoint, ~2 % of the wall time at the defaults (docs/results.md, "Where the step time goes")
     checkpoint_every: int = 0  # 0: with every evaluation
     keep: int = 3
     val_chars: int = 262144  # validation characters scored during training (evaluate scores all)

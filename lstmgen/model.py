@@ -351,11 +351,15 @@ class CharLSTM(nn.Module):
 
     def optimizer(self, lr: float, weight_decay: float) -> torch.optim.AdamW:
         """AdamW that decays the weight matrices of the LSTM and the head, not the embeddings,
-        biases or norms (nanoGPT's grouping)."""
+        biases or norms (nanoGPT's grouping). Fused (one kernel for every parameter, on the CPU as
+        on a GPU) where the parameters' device has the kernel: the same update as the per-tensor
+        loop, a third of its time on a CPU, and its step counters stay on the device, so a step
+        never reads one back (docs/results.md, "Where the step time goes")."""
         decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n]
         rest = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+        fused = next(self.parameters()).device.type in ("cpu", "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -19,6 +19,7 @@ it; the data position does not: a restarted worker begins a new epoch of its sha
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lstmgen import capacity, checkpoint, lease, storage
+from lstmgen import capacity, checkpoint, lease, steptime, storage
 from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
@@ -61,6 +62,7 @@ def train(cfg: TrainConfig) -> dict:
     capacity.require_shared_storage({"--data": cfg.data, "--run": cfg.run}, cfg.shared_fs)
     bundle, use_gpu = capacity.bundle_for(cfg.gpu)
     capacity.require("train", bundle, cfg.workers, cfg.wait_timeout)
+    steptime.mark("checks")
     run_lease = lease.acquire(cfg.run)  # one writer per run; losing it interrupts this thread
     try:
         return _run_trainer(cfg, vocab, manifest, bundle, use_gpu)
@@ -98,9 +100,10 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
     from lstmgen.runtime import embedded
 
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if embedded() else 0
+    steptime.mark("trainer")
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
-                   "threads": threads, "cluster": not embedded()}
+                   "threads": threads, "cluster": not embedded(), "milestones": steptime.milestones()}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -200,18 +203,21 @@ class Progress:
 
 @dataclass
 class LossMeter:
-    """Training loss and throughput since the last metrics row."""
+    """Training loss and throughput since the last metrics row. The loss is summed as a tensor on
+    the training device and read back only when a log line or a metrics row asks (``bpc``): on a
+    GPU, reading it every step would wait for the step's kernels to finish before the next step
+    could be queued."""
 
-    bits: float = 0.0
+    bits: torch.Tensor | float = 0.0
     steps: int = 0
     chars: int = 0
     start: float = field(default_factory=time.time)
 
-    def add(self, bpc: float, chars: int) -> None:
+    def add(self, bpc: torch.Tensor, chars: int) -> None:
         self.bits, self.steps, self.chars = self.bits + bpc, self.steps + 1, self.chars + chars
 
     def bpc(self) -> float:
-        return self.bits / max(1, self.steps)
+        return float(self.bits) / max(1, self.steps)
 
     def chars_per_s(self) -> float:
         return self.chars / max(1e-9, time.time() - self.start)
@@ -242,6 +248,8 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    steptime.adopt(config["milestones"])
+    steptime.mark("worker")
     cfg = TrainConfig(**config["train"])
     vocab, seq_len = config["vocab"], config["seq_len"]
     ctx = ray.train.get_context()  # Ray
@@ -265,6 +273,8 @@ def train_loop(config: dict) -> None:
             print(f"train: resumed from step {progress.step}", flush=True)
     model = ray.train.torch.prepare_model(model)  # Ray: DistributedDataParallel on the right device
     raw_model = model.module if hasattr(model, "module") else model
+    clock = steptime.StepClock(device, rank)
+    steptime.time_gradient_allreduce(model, clock)
     opt = raw_model.optimizer(cfg.lr, cfg.weight_decay)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -278,19 +288,23 @@ def train_loop(config: dict) -> None:
     train_split = SplitReader(cfg.data, "train")
     valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read at each evaluation
     rng = np.random.default_rng(cfg.seed + progress.step)  # the same on every worker
-    reporter = Reporter(cfg, rank, world, device, raw_model, opt, model_cfg, vocab, seq_len, valid)
+    reporter = Reporter(cfg, rank, world, device, amp, raw_model, opt, model_cfg, vocab, seq_len, valid)
 
     def epoch():
         return epoch_batches(shard, train_split, cfg, seq_len, rng)
 
-    def budget_used() -> float:  # the larger of the step and time fractions of the budget
+    def time_used() -> float:  # the time fraction of the budget
         if progress.started is None:
             progress.started = time.time()  # the clock starts with the first batch: set-up is not training
-        return max(progress.step / cfg.max_steps, progress.seconds() / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0)
+        return progress.seconds() / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
 
+    steptime.mark("model")
     losses, carried, lr, saved_step = LossMeter(), None, cfg.lr, progress.step
     notice = ray.train.get_preemption_info  # Ray: a node of this run is about to be reclaimed (spot)
-    for (x, y), used, reclaim in agreed_batches(epoch, budget_used, notice, cfg, world, device):
+    batches = agreed_batches(epoch, lambda: progress.step, time_used, notice, cfg, world, device, clock)
+    for (x, y), used, reclaim in batches:
+        if progress.step == progress.resumed_from:
+            steptime.mark("first batch")
         # a reclaim notice: checkpoint now, then take no step the reclaim would throw away
         if reclaim is not None:
             if progress.step > saved_step:
@@ -308,28 +322,38 @@ def train_loop(config: dict) -> None:
             logits, carried = model(x, carried if cfg.carry_state else None)
             loss = bits_per_char(logits.float(), y)
         carried = detach(carried)  # the state goes on to the next batch; its gradient stops here (truncated BPTT)
+        clock.lap("forward")
         # backward (DDP all-reduces the gradients), clip, step
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        clock.lap("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         progress.step += 1
-        losses.add(loss.item(), x.numel() * world)
+        losses.add(loss.detach(), x.numel() * world)  # summed where it lies: no wait for the device here
+        clock.lap("optimizer")
         _maybe_inject_failure(progress.step)
-        # log
+        # log (the only place an ordinary step reads a value back from the device)
         if rank == 0 and progress.step % cfg.log_every == 0:
             _log(progress.step, used, losses, lr)
+            clock.lap("log")
         # evaluate, write the metrics row, checkpoint
         save = progress.step % cfg.checkpoint_interval == 0
         if save or progress.step % cfg.eval_every == 0:
-            reporter.evaluate_and_report(progress, losses, lr, save)
+            reporter.evaluate_and_report(progress, losses, lr, save, clock)
             losses, saved_step = LossMeter(), progress.step if save else saved_step
+        if progress.step == progress.resumed_from + 1:
+            steptime.mark("first step")
+            if rank == 0:
+                steptime.print_startup()
+        clock.step_done(progress.step)
 
     # the budget is used up: the steps since the last checkpoint get theirs
     if progress.step > saved_step:
         if rank == 0 and progress.step % cfg.log_every:
             _log(progress.step, 1.0, losses, lr)
-        reporter.evaluate_and_report(progress, losses, lr, save=True)
+        reporter.evaluate_and_report(progress, losses, lr, True, clock)
+    clock.report()
 
 
 def _log(step: int, used: float, losses: LossMeter, lr: float) -> None:
@@ -337,56 +361,69 @@ def _log(step: int, used: float, losses: LossMeter, lr: float) -> None:
           f" | lr {lr:.2e} | {losses.chars_per_s() / 1e3:.1f}k chars/s", flush=True)
 
 
-def agreed_batches(epoch, budget_used, notice, cfg: TrainConfig, world: int, device: torch.device):
-    """The batches every worker trains on, step by step, for as long as all of them go on; yields
+def agreed_batches(epoch, step, time_used, notice, cfg: TrainConfig, world: int, device: torch.device,
+                   clock: steptime.StepClock | None = None):
+    """The batches every worker trains on, for as long as all of them go on; yields
     ``(batch, budget_used, reclaim)``.
 
-    Before each step one all-reduce lets every worker learn three things: the largest budget used
-    (step or time fraction) on any worker, so that all stop at the same step; whether every worker
-    has a next batch, so that an epoch ends for all when the shortest shard runs out and no worker
-    waits in the gradient all-reduce while another waits at Ray Data's epoch barrier; and whether
-    ``NOTICE_EVERY_S`` has passed on any worker since the workers last asked ``notice()`` (Ray
-    Train's reclaim notice, which every worker must ask at the same step). ``reclaim`` is a notice
-    that was not there when last asked, with the first batch after it; otherwise None (a notice
-    that stays is acted on once; one that is withdrawn and comes again, again). Between epochs each
-    worker reads the rest of its shard (Ray Data starts the next epoch when every worker has) and
-    ``epoch()`` starts the next one.
+    The workers agree once a round: the steps up to the next multiple of ``log_every``, so an
+    ordinary step waits on no collective of its own (the log step reads values back anyway). Each
+    worker first reads the round's batches ahead, then one all-reduce lets every worker learn
+    three things: the largest time fraction of the budget used on any worker (the budget used is
+    the larger of it and the step fraction, which every worker knows alike), so that all stop at
+    the same step; how many of the round's batches every worker has, so that an epoch ends for all
+    when the shortest shard runs out and no worker waits in the gradient all-reduce while another
+    waits at Ray Data's epoch barrier; and whether ``NOTICE_EVERY_S`` has passed on any worker since
+    the workers last asked ``notice()`` (Ray Train's reclaim notice, which every worker must ask at
+    the same step). ``reclaim`` is a notice that was not there when last asked, with the first
+    batch after it; otherwise None (a notice that stays is acted on once; one that is withdrawn and
+    comes again, again). Between epochs each worker reads the rest of its shard (Ray Data starts
+    the next epoch when every worker has) and ``epoch()`` starts the next one.
     """
+    clock = clock or steptime.StepClock(device, 0)
     asked, standing = time.time(), None  # when the notice was last asked for, and what it was
     while True:
         batches, steps = epoch(), 0
         while True:
-            batch = next(batches, None)
-            used, everyone_has_one, ask = _agree(budget_used(), batch is not None, time.time() - asked >= NOTICE_EVERY_S,
-                                                 world, device)
-            if used >= 1.0:
+            round_steps = cfg.log_every - step() % cfg.log_every
+            ahead = list(itertools.islice(batches, round_steps))
+            clock.lap("data")
+            time_frac, have, ask = _agree(time_used(), len(ahead), time.time() - asked >= NOTICE_EVERY_S, world, device)
+            clock.lap("agree")
+            if max(step() / cfg.max_steps, time_frac) >= 1.0:
                 return
-            if not everyone_has_one:
-                break
             reclaim = None
             if ask:
                 latest, asked = notice(), time.time()
                 reclaim, standing = (latest if standing is None else None), latest
-            yield batch, used, reclaim
-            steps += 1
+                clock.lap("notice")
+            for batch in ahead[:have]:
+                used = max(step() / cfg.max_steps, time_frac)
+                if used >= 1.0:
+                    return
+                yield batch, used, reclaim
+                reclaim = None
+                steps += 1
+            if have < round_steps:
+                break
         for _ in batches:  # the rest of this worker's epoch
             pass
+        clock.lap("data")
         if steps == 0:  # every worker counts the same agreed steps, so all stop here together
             raise LstmgenError(f"{cfg.data}: an epoch gave some worker no batch of {cfg.batch_size}; "
                                "lower --batch-size or --workers")
 
 
-def _agree(used: float, have_batch: bool, ask: bool, world: int, device: torch.device) -> tuple[float, bool, bool]:
-    """The per-step all-reduce (MAX) of two values: the largest budget used, and a flag that is 2
-    where a worker lacks a batch, else 1 where a worker wants the reclaim notice asked for, else 0.
-    Two values, not three: gloo takes a slower path for three floats than for two
-    (docs/results.md, "Spot reclaims"), and whether to ask only matters when every worker has a
-    batch."""
+def _agree(time_frac: float, have: int, ask: bool, world: int, device: torch.device) -> tuple[float, int, bool]:
+    """The once-a-round all-reduce (MAX): the largest time fraction used, the fewest batches any
+    worker has for the round (as the largest negative count), and whether any worker wants the
+    reclaim notice asked for."""
     if world == 1:
-        return used, have_batch, ask
-    t = torch.tensor([used, 2.0 if not have_batch else 1.0 if ask else 0.0], device=device)
+        return time_frac, have, ask
+    t = torch.tensor([time_frac, -float(have), float(ask)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t[0].item(), t[1].item() < 2.0, t[1].item() == 1.0
+    time_frac, neg_have, ask_any = t.tolist()
+    return time_frac, int(-neg_have), ask_any > 0
 
 
 def _hold_until_reclaimed(reclaim, step: int, rank: int) -> None:
@@ -479,6 +516,7 @@ class Reporter:
     rank: int
     world: int
     device: torch.device
+    amp: torch.autocast  # the training precision, which validation uses too
     raw_model: CharLSTM
     opt: torch.optim.Optimizer
     model_cfg: ModelConfig
@@ -486,31 +524,44 @@ class Reporter:
     seq_len: int
     valid: SplitReader | None
 
-    def evaluate_and_report(self, progress: Progress, losses: LossMeter, lr: float, save: bool) -> None:
+    def evaluate_and_report(self, progress: Progress, losses: LossMeter, lr: float, save: bool,
+                            clock: steptime.StepClock | None = None) -> None:
         """Validation bpc (the rows split between the workers), the metrics row, and a checkpoint
         when ``save``."""
         import ray.train
 
+        clock = clock or steptime.StepClock(self.device, self.rank)
         train_bpc = losses.bpc() if losses.steps else progress.history[-1]["train_bpc"]
         row = {"step": progress.step, "train_bpc": train_bpc, "train_steps": losses.steps, "lr": lr,
                "chars_per_s": losses.chars_per_s(), "elapsed_s": progress.seconds(), "resumed_from": progress.resumed_from,
                "workers": self.world}
         row["val_bpc"] = self._validation_bpc() if self.valid is not None else train_bpc  # no valid split: rank by training loss
         progress.history.append(row)
+        clock.lap("evaluate")
         if self.rank != 0:
             ray.train.report(row)  # Ray: every worker reports; rank 0's checkpoint is the one kept
         else:
-            self._publish(progress, row, save)
+            self._publish(progress, row, save, clock)
+        clock.lap("checkpoint" if save else "metrics")
 
     def _validation_bpc(self) -> float:
-        part = carried_bits(self.raw_model, self.valid.rows(16, self.cfg.val_chars), device=str(self.device),
-                            part=(self.rank, self.world))
+        """Scored forward only, so through the fused kernel (nn.LSTM: oneDNN, cuDNN) on the same
+        weights, in the training precision: the same function as the explicit cell computes, about
+        7x faster on a CPU (docs/results.md, "Where the step time goes")."""
+        rnn = self.raw_model.rnn
+        cell, rnn.cell = rnn.cell, "fused"
+        try:
+            with self.amp:
+                part = carried_bits(self.raw_model, self.valid.rows(16, self.cfg.val_chars), device=str(self.device),
+                                    part=(self.rank, self.world))
+        finally:
+            rnn.cell = cell
         total = torch.tensor(part, dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(total)
         return float(total[0] / total[1])
 
-    def _publish(self, progress: Progress, row: dict, save: bool) -> None:
+    def _publish(self, progress: Progress, row: dict, save: bool, clock: steptime.StepClock) -> None:
         """Rank 0: metrics.jsonl and loss.png into the run directory, and the row (with a checkpoint
         when ``save``) to Ray Train, which persists the checkpoint and keeps the best ``--keep``."""
         import ray.train
@@ -524,6 +575,7 @@ class Reporter:
             plot(progress.history, cfg.run)
         except Exception as exc:  # a plot must never stop training
             print(f"train: could not plot ({exc})")
+        clock.lap("metrics")
         if not save:
             ray.train.report(row)  # Ray
             return

@@ -3,10 +3,12 @@ the protocol by which the workers agree on every step, and the loader that feeds
 Data, real Parquet)."""
 
 import json
+import os
 import platform
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,20 +88,42 @@ def test_kept_memory_is_reused_without_page_faults():
     assert faults["keep"] * 10 < faults["returned"], faults
 
 
+def _agreed(epoch, cfg: TrainConfig, taken: list, time_used=lambda: 0.0, notice=lambda: None):
+    """``agreed_batches`` on one worker, the step counter being the batches taken."""
+    return agreed_batches(epoch, lambda: len(taken), time_used, notice, cfg, 1, torch.device("cpu"))
+
+
 def test_agreed_batches_go_on_across_epochs_and_stop_where_the_budget_ends():
-    cfg = TrainConfig(data="d", run="r")
+    cfg = TrainConfig(data="d", run="r", max_steps=7, log_every=2)
     epoch, read = _epochs(3, 3, 3)
     taken: list[int] = []
-    for batch, used, reclaim in agreed_batches(epoch, lambda: len(taken) / 7, lambda: None, cfg, 1, torch.device("cpu")):
+    for batch, used, reclaim in _agreed(epoch, cfg, taken):
         assert used == len(taken) / 7 and reclaim is None
         taken.append(batch)
-    assert taken == [0, 1, 2, 0, 1, 2, 0] and read == [3, 3, 2]  # one batch read ahead
+    assert taken == [0, 1, 2, 0, 1, 2, 0] and read == [3, 3, 2]  # read ahead to the end of each round
+
+
+def test_agreed_batches_stop_on_the_time_budget_at_a_round_boundary():
+    """The time budget is agreed once a round (log_every steps): the run stops at the first round
+    boundary where it is used up, and never in the middle of a round."""
+    cfg = TrainConfig(data="d", run="r", log_every=5)
+    epoch, _ = _epochs(100)
+    taken: list[int] = []
+    asked: list[int] = []
+
+    def time_used():
+        asked.append(len(taken))
+        return 1.0 if len(taken) >= 12 else 0.0
+
+    for batch, _, _ in _agreed(epoch, cfg, taken, time_used):
+        taken.append(batch)
+    assert asked == [0, 5, 10, 15] and len(taken) == 15
 
 
 def test_agreed_batches_refuse_an_epoch_without_a_batch():
     epoch, read = _epochs(2, 0)
     with pytest.raises(LstmgenError, match="no batch of 8"):
-        list(agreed_batches(epoch, lambda: 0.0, lambda: None, TrainConfig(data="d", run="r", batch_size=8), 1, torch.device("cpu")))
+        list(_agreed(epoch, TrainConfig(data="d", run="r", batch_size=8), []))
     assert read == [2, 0]
 
 
@@ -114,9 +138,9 @@ def test_a_reclaim_notice_is_yielded_when_it_comes_and_again_only_after_it_was_w
 
     epoch, _ = _epochs(10)
     steps: list = []
-    for step in agreed_batches(epoch, lambda: len(steps) / 10, notice, TrainConfig(data="d", run="r"), 1, torch.device("cpu")):
+    for step in _agreed(epoch, TrainConfig(data="d", run="r", max_steps=10, log_every=1), steps, notice=notice):
         steps.append(step)
-    assert len(asked) == 10  # asked on schedule, notice or not
+    assert len(asked) == 10  # asked on schedule (once a round, here every step), notice or not
     assert [reclaim for _, _, reclaim in steps] == [None, None, "reclaim", None, None, "again", None, None, None, None]
 
 
@@ -195,3 +219,86 @@ def test_training_loader_memory_does_not_grow_with_the_corpus(corpora):
     assert peaks["large"] <= 1.5 * peaks["small"], peaks
 
 
+
+
+def _two_workers_agree(rank: int, port: int, out: str) -> None:
+    """One of two real processes joined by gloo: worker 0's epochs hold 7, 9, 5 batches, worker
+    1's 12, 4, 5; each runs ``agreed_batches`` with rounds of 3 steps and a budget of 11 steps."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    epoch, read = _epochs(*((7, 9, 5) if rank == 0 else (12, 4, 5)))
+    taken: list = []
+    cfg = TrainConfig(data="d", run="r", max_steps=11, log_every=3)
+    for batch, _, _ in agreed_batches(epoch, lambda: len(taken), lambda: 0.0, lambda: None, cfg, 2, torch.device("cpu")):
+        taken.append(batch)
+    Path(out, f"{rank}.json").write_text(json.dumps({"taken": taken, "read": read}))
+    dist.destroy_process_group()
+
+
+def test_two_workers_end_each_epoch_together_where_the_shorter_shard_ends(tmp_path):
+    """Two real processes and a real all-reduce: the workers read a round's batches ahead and
+    agree on the fewest, so each epoch ends for both where the shorter one runs out (7, then 4),
+    and both take the same steps. Fails if a worker trains a batch its peer does not have."""
+    port = 29400 + os.getpid() % 500
+    torch.multiprocessing.spawn(_two_workers_agree, args=(port, str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert got[0]["taken"] == got[1]["taken"] == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]
+    # each reads the rest of its epoch, and one batch of the next before the budget ends it
+    assert got[0]["read"] == [7, 9, 1] and got[1]["read"] == [12, 4, 1]
+
+
+def _counting_loop(config: dict) -> None:
+    """``train_loop`` with every read of a tensor's value back into Python counted, by the step it
+    falls in (the step ``lr_at`` was last asked about), written to RUN/reads-RANK.json."""
+    import ray.train
+
+    from lstmgen import train as train_mod
+
+    reads: list = []
+    current = [None]
+    lr_at = train_mod.lr_at
+
+    def counting_lr_at(cfg, step, used):
+        current[0] = step
+        return lr_at(cfg, step, used)
+
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__int__", "__bool__")}
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            reads.append(current[0])
+            return original(self, *args, **kwargs)
+        return read
+
+    train_mod.lr_at = counting_lr_at
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    try:
+        train_mod.train_loop(config)
+    finally:
+        train_mod.lr_at = lr_at
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["train"]["run"], f"reads-{rank}.json").write_text(json.dumps(reads))
+
+
+def test_ordinary_steps_read_nothing_back_from_the_device(ray_local, wiki_slice, tmp_path, monkeypatch):
+    """On a GPU every read of a tensor's value into Python (``.item()``, ``float()``, ...) waits
+    for the queued kernels. Counted in the real loop on two Ray Train workers: the 147 steps that
+    are not log steps read nothing (the loss is summed where it lies and read at log steps, and the
+    workers agree once a round, at log steps); the log steps do read, which shows the count works.
+    Fails on a loop that reads the loss (``loss.item()``) or agrees every step."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(train_module, "train_loop", _counting_loop)
+    data, run = tmp_path / "data", tmp_path / "run"
+    prepare(PrepareConfig(out=str(data), corpus=[str(wiki_slice)]))
+    # batch 2: an epoch is longer than the run, so no epoch boundary (where the workers agree again) falls in it
+    train(train_config(data=str(data), run=str(run), workers=2, hidden=32, embed=16, batch_size=2, max_steps=150,
+                       max_minutes=0.0, log_every=50, eval_every=1000, val_chars=4096))
+    for rank in (0, 1):
+        reads = Counter(json.loads((run / f"reads-{rank}.json").read_text()))
+        ordinary = {step: n for step, n in reads.items() if step is not None and (step + 1) % 50}
+        assert ordinary == {}, (rank, reads)
+        assert reads[49] > 0 and reads[99] > 0, (rank, reads)  # each round's agreement (and rank 0's log line)

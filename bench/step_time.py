@@ -1,0 +1,190 @@
+"""Where the distributed job's step time goes, against what the hardware gives.
+
+For each worker count N, in one run on the same machine:
+
+(a) the ceiling: N plain training loops at once (no Ray, no communication), each pinned to its
+    own share of the cores with the threads a job worker gets, the job's model, optimizer,
+    precision and carried-state batches;
+(b) ``lstmgen train --workers N`` with default flags over ``--steps`` steps, its steps/s from
+    ``--from-step`` on, evaluation and checkpoints included (the loop untimed);
+(c) the same job with every part of the loop timed (``LSTMGEN_STEP_TIMES``, lstmgen/steptime.py):
+    forward, backward, the gradient all-reduce, the optimizer, reading the round's batches, the
+    agreement all-reduce, the reclaim-notice query, log lines, evaluation, metrics and checkpoints.
+
+It prints (a)-(c) side by side, the breakdown per step, and the start-up milestones of (b)
+(seconds from the command's start to each stage, up to the first step).
+
+    python bench/step_time.py [--workers 1 2] [--steps 2000] [--from-step 200] [--gpu]
+
+On a GPU machine (``--gpu``) each plain loop and each job worker takes one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+LSTMGEN = [sys.executable, "-m", "lstmgen.cli"]
+COMPUTE = ("forward", "backward", "optimizer")
+
+
+def plain_loop(data: str, steps: int, from_step: int, threads: int, gpu: bool, ddp: str) -> None:
+    """One plain training loop, the job's step without Ray (run in its own process); with ``ddp``
+    (RANK,WORLD,PORT) one of WORLD such loops joined by DistributedDataParallel over torch.distributed."""
+    import torch
+    import torch.distributed as dist
+
+    from lstmgen import steptime
+    from lstmgen.config import TrainConfig
+    from lstmgen.corpus import Vocab
+    from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, default_precision, detach
+    from lstmgen.train import keep_freed_memory
+    from lstmgen.windows import read_split, window_ids
+
+    cfg = TrainConfig(data=data, run="")
+    device = torch.device("cuda" if gpu else "cpu")
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    vocab = Vocab.from_json(Path(data, "vocab.json").read_text())
+    model = CharLSTM(ModelConfig(vocab_size=len(vocab), embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers,
+                                 dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell)).to(device)
+    opt = model.optimizer(cfg.lr, cfg.weight_decay)
+    if ddp:
+        rank, world, port = map(int, ddp.split(","))
+        dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        steptime.time_gradient_allreduce(model, clock := steptime.StepClock(device, rank))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=default_precision(device) == "bf16")
+    ids = window_ids(read_split(data, "train")).astype(np.int64)
+    seq = 64
+    starts = np.random.default_rng(0).integers(0, len(ids) - (steps + 1) * seq - 1, cfg.batch_size)
+    clock, carried = (clock if ddp else steptime.StepClock(device, 0)), None
+    for step in range(steps):
+        rows = np.stack([ids[s + step * seq: s + step * seq + seq + 1] for s in starts])
+        batch = torch.from_numpy(rows).to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        clock.lap("data")
+        model.train()
+        with amp:
+            logits, carried = model(x, carried)
+            loss = bits_per_char(logits.float(), y)
+        carried = detach(carried)
+        clock.lap("forward")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clock.lap("backward")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        clock.lap("optimizer")
+        clock.step_done(step + 1)
+    clock.report()
+    if ddp:
+        dist.destroy_process_group()
+
+
+def ceiling(data: str, n: int, steps: int, from_step: int, gpu: bool, ddp: bool = False) -> list[dict]:
+    """N plain loops at once, each pinned to its share of the cores; their step_times. With ``ddp``
+    the N loops are one DDP job (torch.distributed, no Ray)."""
+    cores = sorted(os.sched_getaffinity(0))
+    threads = max(1, len(cores) // n)
+    procs, port = [], 29500 + os.getpid() % 1000
+    for i in range(n):
+        env = dict(os.environ, LSTMGEN_STEP_TIMES=str(from_step), CUDA_VISIBLE_DEVICES=str(i) if gpu else "")
+        cmd = [sys.executable, __file__, "--plain", data, "--steps", str(steps), "--from-step", str(from_step),
+               "--threads", str(threads)] + (["--gpu"] if gpu else []) + (["--ddp", f"{i},{n},{port}"] if ddp else [])
+        mine = cores[i * threads:(i + 1) * threads] or cores
+        procs.append(subprocess.Popen(["taskset", "-c", ",".join(map(str, mine))] + cmd, env=env,
+                                      stdout=subprocess.PIPE, text=True))
+    return [_lines(p.communicate()[0], "step_times")[0] for p in procs]
+
+
+def job(data: str, run: str, n: int, steps: int, setting: str, gpu: bool, extra: list[str]) -> tuple[list[dict], dict, float]:
+    """``lstmgen train`` as a user runs it; (each rank's step_times, rank 0's startup, seconds)."""
+    cmd = LSTMGEN + ["train", "--data", data, "--run", run, "--workers", str(n), "--max-steps", str(steps)]
+    cmd += (["--gpu"] if gpu else []) + extra
+    t0 = time.time()
+    out = subprocess.run(cmd, env=dict(os.environ, LSTMGEN_STEP_TIMES=setting), capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"lstmgen train failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    times = sorted(_lines(out.stdout + out.stderr, "step_times"), key=lambda t: t["rank"])
+    startup = (_lines(out.stdout + out.stderr, "startup") or [{}])[0]
+    return times, startup, time.time() - t0
+
+
+def _lines(text: str, tag: str) -> list[dict]:
+    return [json.loads(line.split(tag + " ", 1)[1]) for line in text.splitlines() if tag + " {" in line]
+
+
+def rate(t: dict) -> float:
+    return t["steps"] / t["wall_s"]
+
+
+def report(n: int, plain: list[dict], untimed: list[dict], timed: list[dict], startup: dict, steps: int, from_step: int) -> None:
+    best = min(rate(t) for t in plain)
+    job_rate, timed_rate = rate(untimed[0]), rate(timed[0])
+    r0 = timed[0]
+    parts = r0["parts"]
+    bookkeeping = sum(parts.get(k, 0.0) for k in ("evaluate", "metrics", "checkpoint", "log"))
+    between = r0["steps"] / (r0["wall_s"] - bookkeeping)
+    print(f"\n== {n} worker(s), steps {from_step}..{steps}")
+    print(f"{'':44} {'steps/s':>8} {'of ceiling':>10}")
+    print(f"{'(a) plain loops, each (slowest)':44} {best:8.2f} {1.0:10.2f}   " + " ".join(f"{rate(t):.2f}" for t in plain))
+    print(f"{'(b) lstmgen train, untimed':44} {job_rate:8.2f} {job_rate / best:10.2f}")
+    print(f"{'(c) lstmgen train, every part timed':44} {timed_rate:8.2f} {timed_rate / best:10.2f}")
+    print(f"{'    the same, between evaluations':44} {between:8.2f} {between / best:10.2f}")
+    names = ["data", "agree", "notice", *COMPUTE, "allreduce wait", "allreduce", "log", "evaluate", "metrics", "checkpoint", "other"]
+    print(f"\n{'part (rank 0; other ranks beside)':36} {'s':>8} {'% wall':>7} {'ms/step':>8} {'plain ms/step':>14} {'ranks ms/step':>14}")
+    plain_parts = plain[0]["parts"]
+    for name in names:
+        s = parts.get(name, 0.0)
+        others = " ".join(f"{t['parts'].get(name, 0.0) / t['steps'] * 1e3:.2f}" for t in timed[1:])
+        base = f"{plain_parts[name] / plain[0]['steps'] * 1e3:.2f}" if name in plain_parts else ""
+        print(f"{name:36} {s:8.2f} {100 * s / r0['wall_s']:6.1f}% {s / r0['steps'] * 1e3:8.2f} {base:>14} {others:>14}")
+    print(f"{'wall':36} {r0['wall_s']:8.2f} {100.0:6.1f}% {r0['wall_s'] / r0['steps'] * 1e3:8.2f}"
+          f" {plain[0]['wall_s'] / plain[0]['steps'] * 1e3:14.2f}")
+    print(f"evaluation, metrics, checkpoints and log lines: {100 * bookkeeping / r0['wall_s']:.1f}% of the timed wall")
+    if startup:
+        print("start-up, seconds from the command's start: " + ", ".join(f"{k} {v:.1f}" for k, v in startup.items()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--from-step", type=int, default=200)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--data", default="", help="prepared data (default: wiki.test.raw, prepared here)")
+    ap.add_argument("--train-args", default="", help="extra flags for lstmgen train")
+    ap.add_argument("--plain", default="", help=argparse.SUPPRESS)  # one plain loop, in a subprocess
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--ddp", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.plain:
+        return plain_loop(args.plain, args.steps, args.from_step, args.threads, args.gpu, args.ddp)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if not data:
+            data = f"{tmp}/data"
+            subprocess.run(LSTMGEN + ["prepare", "--corpus", str(WIKI), "--out", data], check=True, capture_output=True)
+        for n in args.workers:
+            plain = ceiling(data, n, args.steps, args.from_step, args.gpu)
+            untimed, startup, seconds = job(data, f"{tmp}/run{n}a", n, args.steps, f"{args.from_step},wall", args.gpu,
+                                            args.train_args.split())
+            timed, _, _ = job(data, f"{tmp}/run{n}b", n, args.steps, str(args.from_step), args.gpu, args.train_args.split())
+            report(n, plain, untimed, timed, startup, args.steps, args.from_step)
+            print(f"(b) took {seconds:.1f} s from the command's start to its end")
+
+
+if __name__ == "__main__":
+    main()
