@@ -174,6 +174,8 @@ def main() -> None:
         return plain_loop(args.plain, args.steps, args.from_step, args.threads, args.gpu, args.ddp)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
+        if not data and not WIKI.exists():
+            sys.exit(f"{WIKI} is missing: give prepared data with --data DIR")
         if not data:
             data = f"{tmp}/data"
             subprocess.run(LSTMGEN + ["prepare", "--corpus", str(WIKI), "--out", data], check=True, capture_output=True)

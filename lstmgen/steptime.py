@@ -44,11 +44,11 @@ def enabled() -> bool:
     return bool(os.environ.get(ENV))
 
 
-def mark(name: str) -> None:
-    """Note that start-up reached ``name`` now."""
+def mark(name: str, at: float | None = None) -> None:
+    """Note that start-up reached ``name`` now (or ``at``, Unix seconds)."""
     if enabled():
         _milestones.setdefault("start", process_started())
-        _milestones[name] = time.time()
+        _milestones[name] = time.time() if at is None else at
 
 
 def milestones() -> dict[str, float]:

@@ -249,6 +249,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     steptime.adopt(config["milestones"])
+    steptime.mark("worker process", steptime.process_started())  # then Ray and torch imported, the process group set up
     steptime.mark("worker")
     cfg = TrainConfig(**config["train"])
     vocab, seq_len = config["vocab"], config["seq_len"]
@@ -267,6 +268,7 @@ def train_loop(config: dict) -> None:
                             dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell, weight_drop=cfg.weight_drop)
     model = CharLSTM(model_cfg)
     state, progress = _restore(cfg.run, rank, world)
+    steptime.mark("restore")
     if state is not None:
         model.load_state_dict(state["model"])
         if rank == 0:
