@@ -310,7 +310,7 @@ def train_loop(config: dict) -> None:
         # a reclaim notice: checkpoint now, then take no step the reclaim would throw away
         if reclaim is not None:
             if progress.step > saved_step:
-                reporter.evaluate_and_report(progress, losses, lr, save=True)
+                reporter.evaluate_and_report(progress, losses, lr, True, clock)
                 losses, saved_step = LossMeter(), progress.step
             _hold_until_reclaimed(reclaim, progress.step, rank)
         # lr: warmup, then cosine over the step or time budget
@@ -527,12 +527,11 @@ class Reporter:
     valid: SplitReader | None
 
     def evaluate_and_report(self, progress: Progress, losses: LossMeter, lr: float, save: bool,
-                            clock: steptime.StepClock | None = None) -> None:
+                            clock: steptime.StepClock) -> None:
         """Validation bpc (the rows split between the workers), the metrics row, and a checkpoint
         when ``save``."""
         import ray.train
 
-        clock = clock or steptime.StepClock(self.device, self.rank)
         train_bpc = losses.bpc() if losses.steps else progress.history[-1]["train_bpc"]
         row = {"step": progress.step, "train_bpc": train_bpc, "train_steps": losses.steps, "lr": lr,
                "chars_per_s": losses.chars_per_s(), "elapsed_s": progress.seconds(), "resumed_from": progress.resumed_from,
