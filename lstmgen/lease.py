@@ -44,11 +44,20 @@ class Lease:
     on_lost: Callable[[str], None]
     lost: str = ""  # why this holder lost the lease, once it has
     stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one change at a time: a beat's or the release's
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lease if it is still this holder's."""
+        """Stop the heartbeat and remove the lease if it is still this holder's.
+
+        A beat already past its wait when ``stop`` is set holds ``lock`` until its renewal is
+        written and its version known, so the delete below names the lease's current version
+        (without the lock the delete could name the old one and fail, leaving the lease for its
+        TTL; or go first, and the beat would find the lease gone and call ``on_lost`` after the
+        run had ended). A beat that gets the lock after ``stop`` is set writes nothing."""
         self.stop.set()
-        if not self.lost:
+        with self.lock:
+            if self.lost:
+                return
             try:
                 _swap(self.path, self.version, None)
             except LstmgenError as exc:  # storage away: the lease expires by itself
@@ -79,20 +88,30 @@ def _interrupt_main(message: str) -> None:
 
 def _heartbeat(lease: Lease) -> None:
     while not lease.stop.wait(RENEW_S):
-        try:
-            new = _swap(lease.path, lease.version, _text(lease.holder))
-        except LstmgenError as exc:  # storage briefly away: the next beat tries again within the TTL
-            print(f"train: could not renew the run's lease ({exc})", flush=True)
-            continue
-        if new is None:
-            held, _ = _read(lease.path)
-            who = f"host {held.get('host')}, pid {held.get('pid')}" if held else "removed"
-            lease.lost = (f"{lease.path}: another train took this run ({who}) while this one was paused past its "
-                          "lease; this train stopped without writing further")
-            lease.stop.set()
-            lease.on_lost(lease.lost)
-            return
-        lease.version = new
+        with lease.lock:
+            if lease.stop.is_set():  # released while this beat waited for the lock
+                return
+            if not _beat(lease):
+                return
+
+
+def _beat(lease: Lease) -> bool:
+    """One renewal, under ``lease.lock``. False once the lease is lost (``on_lost`` called)."""
+    try:
+        new = _swap(lease.path, lease.version, _text(lease.holder))
+    except LstmgenError as exc:  # storage briefly away: the next beat tries again within the TTL
+        print(f"train: could not renew the run's lease ({exc})", flush=True)
+        return True
+    if new is None:
+        held, _ = _read(lease.path)
+        who = f"host {held.get('host')}, pid {held.get('pid')}" if held else "removed"
+        lease.lost = (f"{lease.path}: another train took this run ({who}) while this one was paused past its "
+                      "lease; this train stopped without writing further")
+        lease.stop.set()
+        lease.on_lost(lease.lost)
+        return False
+    lease.version = new
+    return True
 
 
 def _text(holder: dict) -> str:

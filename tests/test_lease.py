@@ -99,6 +99,76 @@ def test_a_holder_paused_past_its_lease_finds_it_taken_and_stops(tmp_path, monke
     assert not (tmp_path / "run" / "lease.json").exists()
 
 
+def _both_read_the_expired_lease_first(run: str, monkeypatch) -> None:
+    """Two trainers read the same expired lease before either writes (a barrier after the read
+    forces it), so only the compare-and-swap can tell them apart: exactly one takes the run."""
+    from lstmgen import storage
+
+    storage.write_text(storage.join(run, "lease.json"),
+                       json.dumps({"id": "old", "host": "elsewhere", "pid": 1, "expires": time.time() - 1}))
+    real_read, both_read = lease._read, threading.Barrier(2, timeout=10)
+
+    def read_then_wait(path: str):
+        held = real_read(path)
+        both_read.wait()
+        return held
+
+    monkeypatch.setattr(lease, "_read", read_then_wait)
+    start, won, refused = threading.Barrier(2), [], []
+    threads = [threading.Thread(target=_trainer, args=(run, start, won, refused)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(lease, "_read", real_read)
+    assert len(won) == 1 and len(refused) == 1, (won, refused)
+    assert "at the same moment" in refused[0]
+    assert _holds(run)["id"] == won[0].holder["id"]
+    won[0].release()
+
+
+def test_two_trainers_that_both_read_an_expired_lease_cannot_both_take_it(tmp_path, monkeypatch):
+    """Caught: the takeover test above passed with the compare-and-swap replaced by a plain write,
+    because two threads rarely both read before either writes; here they always do."""
+    _both_read_the_expired_lease_first(str(tmp_path / "run"), monkeypatch)
+
+
+@pytest.mark.parametrize("beat", ["writes after the delete", "has written, version not yet kept"])
+def test_a_release_racing_a_heartbeat_removes_the_lease_and_loses_nothing(tmp_path, monkeypatch, beat):
+    """The heartbeat is held inside its renewal (before its write, or after it but before it keeps
+    the new version) while ``release()`` runs, then let go. Caught on the code without
+    ``Lease.lock``: the release deleted first and the beat then found the lease gone and called
+    ``on_lost`` after the run had ended (which interrupts the main thread); or the beat's new
+    version made the release's conditional delete fail and the lease stayed for its TTL."""
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    real_swap, in_beat, go = lease._swap, threading.Event(), threading.Event()
+
+    def held_swap(path: str, expected, text):
+        gated = threading.current_thread().name == "lstmgen-lease" and not go.is_set()
+        if gated and beat == "writes after the delete":
+            in_beat.set()
+            assert go.wait(10)
+        new = real_swap(path, expected, text)
+        if gated and beat != "writes after the delete":
+            in_beat.set()
+            assert go.wait(10)
+        return new
+
+    monkeypatch.setattr(lease, "_swap", held_swap)
+    lost: list[str] = []
+    held = lease.acquire(str(tmp_path / "run"), on_lost=lost.append)
+    assert in_beat.wait(10)
+    releasing = threading.Thread(target=held.release)
+    releasing.start()
+    releasing.join(0.5)  # without the lock the release is done by now; with it, it waits for the beat
+    go.set()
+    releasing.join(10)
+    time.sleep(0.2)  # a beat that would still call on_lost has done so
+    assert not releasing.is_alive()
+    assert lost == [] and held.lost == ""
+    assert not (tmp_path / "run" / "lease.json").exists()
+
+
 @pytest.mark.slow
 def test_the_lease_works_on_s3(s3, monkeypatch):
     s3.client().create_bucket(Bucket="leases")
@@ -106,3 +176,4 @@ def test_the_lease_works_on_s3(s3, monkeypatch):
         monkeypatch.setenv(key, value)
     _check_one_writer("s3://leases/runs/a")
     _race("s3://leases/race", 40)
+    _both_read_the_expired_lease_first("s3://leases/stale", monkeypatch)
