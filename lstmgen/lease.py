@@ -82,6 +82,17 @@ def acquire(run: str, on_lost: Callable[[str], None] | None = None) -> Lease:
     return lease
 
 
+def check_holder(run: str, holder_id: str) -> None:
+    """Fencing: raise unless ``holder_id`` still holds the run's lease. The worker that publishes
+    checks it before every metrics row and checkpoint, so a train that lost its run (its driver
+    paused past the lease, or cut off from storage, while its workers trained on) writes nothing
+    further into a run another train now owns."""
+    held, _ = _read(storage.join(run, "lease.json"))
+    if held is None or held.get("id") != holder_id:
+        who = f"now held by host {held.get('host')}, pid {held.get('pid')}" if held else "gone"
+        raise LstmgenError(f"{run}: this train no longer holds the run's lease ({who}); it stopped without writing further")
+
+
 def _interrupt_main(message: str) -> None:
     _thread.interrupt_main()
 

@@ -65,7 +65,7 @@ def train(cfg: TrainConfig) -> dict:
     steptime.mark("checks")
     run_lease = lease.acquire(cfg.run)  # one writer per run; losing it interrupts this thread
     try:
-        return _run_trainer(cfg, vocab, manifest, bundle, use_gpu)
+        return _run_trainer(cfg, vocab, manifest, bundle, use_gpu, run_lease.holder["id"])
     except KeyboardInterrupt:
         if run_lease.lost:
             raise LstmgenError(run_lease.lost) from None
@@ -74,7 +74,7 @@ def train(cfg: TrainConfig) -> dict:
         run_lease.release()
 
 
-def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, use_gpu: bool) -> dict:
+def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, use_gpu: bool, holder: str) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -103,7 +103,7 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
     steptime.mark("trainer")
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
-                   "threads": threads, "cluster": not embedded(), "milestones": steptime.milestones()}
+                   "threads": threads, "cluster": not embedded(), "milestones": steptime.milestones(), "holder": holder}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -267,6 +267,7 @@ def train_loop(config: dict) -> None:
     model_cfg = ModelConfig(vocab_size=len(vocab), embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers,
                             dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell, weight_drop=cfg.weight_drop)
     model = CharLSTM(model_cfg)
+    _fence(cfg.run, config["holder"], rank, world, device)  # a restart of a train that lost its run ends here
     state, progress = _restore(cfg.run, rank, world)
     steptime.mark("restore")
     if state is not None:
@@ -290,7 +291,7 @@ def train_loop(config: dict) -> None:
     train_split = SplitReader(cfg.data, "train")
     valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read at each evaluation
     rng = np.random.default_rng(cfg.seed + progress.step)  # the same on every worker
-    reporter = Reporter(cfg, rank, world, device, amp, raw_model, opt, model_cfg, vocab, seq_len, valid)
+    reporter = Reporter(cfg, rank, world, device, amp, raw_model, opt, model_cfg, vocab, seq_len, valid, config["holder"])
 
     def epoch():
         return epoch_batches(shard, train_split, cfg, seq_len, rng)
@@ -443,6 +444,25 @@ def _hold_until_reclaimed(reclaim, step: int, rank: int) -> None:
         print("train: the reclaim did not come; training goes on", flush=True)
 
 
+def _fence(run: str, holder: str, rank: int, world: int, device: torch.device) -> None:
+    """Every worker raises together unless the driver that started them still holds the run's
+    lease (rank 0 reads it; one flag is all-reduced), so no worker writes for a train that lost
+    its run. The workers of a train whose driver is paused or cut off keep training; this is what
+    stops them. Checked at the start and before every metrics row and checkpoint."""
+    lost = ""
+    if rank == 0:
+        try:
+            lease.check_holder(run, holder)
+        except LstmgenError as exc:
+            lost = str(exc)
+    if world > 1:
+        flag = torch.tensor([float(bool(lost))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        lost = lost or (f"{run}: this train no longer holds the run's lease" if flag.item() else "")
+    if lost:
+        raise LstmgenError(lost)
+
+
 def _restore(run: str, rank: int, world: int) -> tuple[dict | None, Progress]:
     """The state to start from: the newest intact checkpoint in the run directory (its model.pt
     matches its meta.json), whoever restarts the run: ``--resume``, or Ray Train after a worker
@@ -525,6 +545,7 @@ class Reporter:
     vocab: list[str]
     seq_len: int
     valid: SplitReader | None
+    holder: str  # the id of the run's lease this train holds: every row and checkpoint carries it
 
     def evaluate_and_report(self, progress: Progress, losses: LossMeter, lr: float, save: bool,
                             clock: steptime.StepClock) -> None:
@@ -532,12 +553,16 @@ class Reporter:
         when ``save``."""
         import ray.train
 
-        train_bpc = losses.bpc() if losses.steps else progress.history[-1]["train_bpc"]
-        row = {"step": progress.step, "train_bpc": train_bpc, "train_steps": losses.steps, "lr": lr,
-               "chars_per_s": losses.chars_per_s(), "elapsed_s": progress.seconds(), "resumed_from": progress.resumed_from,
-               "workers": self.world}
-        row["val_bpc"] = self._validation_bpc() if self.valid is not None else train_bpc  # no valid split: rank by training loss
-        progress.history.append(row)
+        _fence(self.cfg.run, self.holder, self.rank, self.world, self.device)
+        if progress.history and progress.history[-1]["step"] == progress.step:
+            row = progress.history[-1]  # this step was scored a moment ago (its row is written): only the checkpoint is new
+        else:
+            train_bpc = losses.bpc() if losses.steps else progress.history[-1]["train_bpc"]
+            row = {"step": progress.step, "train_bpc": train_bpc, "train_steps": losses.steps, "lr": lr,
+                   "chars_per_s": losses.chars_per_s(), "elapsed_s": progress.seconds(), "resumed_from": progress.resumed_from,
+                   "workers": self.world, "holder": self.holder}
+            row["val_bpc"] = self._validation_bpc() if self.valid is not None else train_bpc  # no valid split: rank by training loss
+            progress.history.append(row)
         clock.lap("evaluate")
         if self.rank != 0:
             ray.train.report(row)  # Ray: every worker reports; rank 0's checkpoint is the one kept
@@ -584,7 +609,7 @@ class Reporter:
             state = {"model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(), "step": progress.step,
                      "elapsed": row["elapsed_s"]}
             meta = {"step": progress.step, "metrics": row, "history": progress.history, "train": asdict(cfg),
-                    "model": asdict(self.model_cfg), "vocab": self.vocab, "seq_len": self.seq_len}
+                    "model": asdict(self.model_cfg), "vocab": self.vocab, "seq_len": self.seq_len, "holder": self.holder}
             checkpoint.save(d, state, meta)
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),  # Ray: persisted to the run directory
                              checkpoint_dir_name=checkpoint.checkpoint_name(progress.step))

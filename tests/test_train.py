@@ -49,6 +49,57 @@ def test_a_time_budget_that_ends_between_epochs_still_checkpoints_the_last_step(
 
 
 @pytest.mark.slow
+def test_a_last_checkpoint_after_an_evaluation_at_the_same_step_adds_no_second_row(tiny_data, tmp_path):
+    """Caught: the final save at step 30 scored step 30 again and wrote a second row for it, right
+    after the evaluation-only row of step 30 (rows 10, 20, 30, 30)."""
+    run = tmp_path / "run"
+    train(train_config(data=str(tiny_data), run=str(run), workers=1, hidden=32, max_steps=30, max_minutes=0.0,
+                       eval_every=10, checkpoint_every=20))
+    assert [row["step"] for row in _rows(run)] == [10, 20, 30]
+    saved = json.loads(sorted(run.glob("checkpoint_*/meta.json"))[-1].read_text())
+    assert saved["step"] == 30 and [row["step"] for row in saved["history"]] == [10, 20, 30]
+
+
+@pytest.mark.slow
+def test_workers_of_a_train_that_lost_its_lease_write_nothing_further(tiny_data, tmp_path, monkeypatch):
+    """Fencing. The driver's heartbeat is kept from noticing (as when the driver is paused); once
+    the first row is written another holder takes the lease, and the workers must stop at their
+    next publish. Caught: without the check the workers trained on to --max-steps and wrote every
+    row and checkpoint into the run another train now owned."""
+    import threading
+    import time
+
+    from lstmgen import lease
+    from lstmgen.errors import error_line
+
+    monkeypatch.setattr(lease, "RENEW_S", 3600.0)
+    run = tmp_path / "run"
+    metrics, lease_file = run / "metrics.jsonl", run / "lease.json"
+    intruder = {"id": "intruder", "host": "elsewhere", "pid": 1, "expires": time.time() + 3600}
+    taken: list[int] = []
+
+    def take_the_lease_after_the_first_row() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.02)
+        lease_file.write_text(json.dumps(intruder))
+        taken.append(len(_rows(run)))
+
+    thief = threading.Thread(target=take_the_lease_after_the_first_row)
+    thief.start()
+    with pytest.raises(Exception) as failed:  # Ray Train's error around the workers' (the CLI prints error_line)
+        train(train_config(data=str(tiny_data), run=str(run), workers=1, hidden=32, max_steps=100_000, max_minutes=0.0,
+                           eval_every=10, max_failures=1))
+    thief.join()
+    line = error_line(failed.value)
+    assert "no longer holds the run's lease" in line and "host elsewhere" in line
+    rows = _rows(run)
+    assert taken and len(rows) <= taken[0] + 1  # at most the publish already under way when the lease was taken
+    assert rows[-1]["step"] < 1000 and {row["holder"] for row in rows} != {"intruder"}
+    assert json.loads(lease_file.read_text())["id"] == "intruder"  # the loser removed nothing
+
+
+@pytest.mark.slow
 def test_data_too_small_for_every_worker_is_refused_before_training(tiny_data, tmp_path):
     one_line_error(run_cli("train", "--data", str(tiny_data), "--run", str(tmp_path / "r"), "--workers", "2",
                            "--batch-size", "64"), "128 training windows", "2 worker(s)", "--batch-size")

@@ -27,7 +27,8 @@ from lstmgen.windows import SplitReader, pieces_of, read_split
 
 from .conftest import peak_traced
 
-ROW_KEYS = {"step", "train_bpc", "train_steps", "lr", "chars_per_s", "elapsed_s", "resumed_from", "workers", "val_bpc"}
+ROW_KEYS = {"step", "train_bpc", "train_steps", "lr", "chars_per_s", "elapsed_s", "resumed_from", "workers", "val_bpc",
+            "holder"}
 
 
 def test_train_loop_in_process_learns_checkpoints_and_writes_every_row(ray_local, wiki_slice, tmp_path):
