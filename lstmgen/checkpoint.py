@@ -56,7 +56,9 @@ class Entry:
 
     @property
     def val_bpc(self) -> float | None:
-        return self.meta.get("metrics", {}).get("val_bpc")
+        metrics = self.meta.get("metrics")
+        value = metrics.get("val_bpc") if isinstance(metrics, dict) else None
+        return value if isinstance(value, (int, float)) else None
 
 
 def list_checkpoints(run: str) -> list[Entry]:
@@ -70,6 +72,8 @@ def list_checkpoints(run: str) -> list[Entry]:
         path = storage.join(run, name)
         try:
             meta = json.loads(storage.read_text(storage.join(path, "meta.json")))
+            if not isinstance(meta, dict):
+                raise ValueError("meta.json is not a JSON object")
             entries.append(Entry(path, int(m.group(1)), meta))
         except (LstmgenError, ValueError) as exc:
             entries.append(Entry(path, int(m.group(1)), error=f"incomplete ({exc})"))
@@ -94,7 +98,7 @@ def verify(entry: Entry) -> Entry:
         try:
             _model_bytes(entry.path, entry.meta)
         except LstmgenError as exc:
-            entry.error = "damaged: " + str(exc).removeprefix(entry.path + ": ")
+            entry.error = "damaged: " + str(exc).removeprefix(entry.path + "/")
     return entry
 
 
@@ -144,23 +148,27 @@ class Loaded:
         try:
             model.load_state_dict(self.state["model"])
         except (RuntimeError, KeyError) as exc:
-            raise LstmgenError(f"{self.path}: model weights do not match its config ({str(exc).splitlines()[0]})") from exc
+            raise LstmgenError(f"{storage.join(self.path, 'meta.json')}: the model config does not match model.pt's "
+                               f"weights ({str(exc).splitlines()[0]})") from exc
         return model.to(device).eval()
 
 
 def load(path: str, map_location: str = "cpu") -> Loaded:
     """Load a checkpoint (or a run's best) safely; one clear error for anything wrong."""
     path = resolve(path)
+    meta_path = storage.join(path, "meta.json")
     try:
-        meta = json.loads(storage.read_text(storage.join(path, "meta.json")))
+        meta = json.loads(storage.read_text(meta_path))
         vocab = Vocab(meta["vocab"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LstmgenError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
+        ModelConfig(**meta["model"])
+    except (ValueError, KeyError, TypeError, LstmgenError) as exc:
+        raise LstmgenError(f"{meta_path}: corrupt checkpoint metadata ({type(exc).__name__}: {exc})") from None
     data = _model_bytes(path, meta)
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        raise LstmgenError(f"{path}: refused to load model.pt: not a plain-tensor checkpoint ({str(exc).splitlines()[0]})") from exc
+        raise LstmgenError(f"{storage.join(path, 'model.pt')}: refused to load: not a plain-tensor checkpoint "
+                           f"({str(exc).splitlines()[0]})") from exc
     return Loaded(path, meta, state, vocab)
 
 
@@ -170,16 +178,19 @@ def _model_bytes(path: str, meta: dict) -> bytes:
         expected = meta["files"]["model.pt"]
         size, digest = int(expected["bytes"]), str(expected["sha256"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise LstmgenError(f"{path}: corrupt checkpoint metadata (no size and SHA-256 for model.pt)") from exc
+        raise LstmgenError(f"{storage.join(path, 'meta.json')}: corrupt checkpoint metadata (no size and SHA-256 for "
+                           "model.pt)") from exc
     data = storage.read_bytes(storage.join(path, "model.pt"))
     if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
-        raise LstmgenError(f"{path}: model.pt is truncated or corrupt (size/SHA-256 differ from meta.json)")
+        raise LstmgenError(f"{storage.join(path, 'model.pt')}: truncated or corrupt (size/SHA-256 differ from meta.json)")
     return data
 
 
 def check_vocab(loaded: Loaded, data: str) -> None:
     """Refuse to pair a checkpoint with data prepared under another vocabulary."""
-    data_vocab = Vocab.from_json(storage.read_text(storage.join(data, "vocab.json")))
+    from lstmgen.windows import read_vocab
+
+    data_vocab = read_vocab(data)
     if data_vocab != loaded.vocab:
         raise LstmgenError(
             f"{loaded.path}: checkpoint vocabulary ({len(loaded.vocab)} chars) does not match {data} "

@@ -113,7 +113,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             (_dataset(tasks)
              .map_batches(_encode_batch, fn_kwargs={"tokens": vocab.tokens, "seq_len": cfg.seq_len},
                           batch_size=1, batch_format="pyarrow")
-             .write_parquet(target, filesystem=fs, compression="zstd", min_rows_per_file=1))
+             .write_parquet(target, filesystem=fs, compression="zstd", min_rows_per_file=1,
+                            write_page_checksum=True))  # a damaged page fails its read, naming its file
         elif isinstance(fs, pafs.LocalFileSystem):
             fs.create_dir(target)
         chars = sum(c1 - c0 for _, c0, c1 in ranges)

@@ -305,17 +305,25 @@ class FakeMetadata:
     session token (required), ``instance-life-cycle``, ``local-ipv4``, and
     ``spot/instance-action`` (404 until ``reclaim_at`` is set)."""
 
-    def __init__(self, reclaim_at: float | None = None, life_cycle: str = "spot"):
-        self.reclaim_at, self.life_cycle, self.requests = reclaim_at, life_cycle, []
+    def __init__(self, reclaim_at: float | None = None, life_cycle: str = "spot", unavailable: int = 0,
+                 local_ipv4: str = "127.0.0.1"):
+        self.reclaim_at, self.life_cycle, self.local_ipv4, self.requests = reclaim_at, life_cycle, local_ipv4, []
+        self.unavailable = unavailable  # answer this many requests first with 503, as at boot
         metadata = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_PUT(self):  # noqa: N802
                 metadata.requests.append(("PUT", self.path))
+                if metadata.refuse():
+                    return self._answer(503, None)
+                if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "").isdigit():
+                    return self._answer(400, None)  # as EC2: a token needs its TTL
                 self._answer(200, "token-1" if self.path == "/latest/api/token" else None)
 
             def do_GET(self):  # noqa: N802
                 metadata.requests.append(("GET", self.path))
+                if metadata.refuse():
+                    return self._answer(503, None)
                 if self.headers.get("X-aws-ec2-metadata-token") != "token-1":
                     return self._answer(401, None)
                 self._answer(200, metadata.answer(self.path.removeprefix("/latest/meta-data/")))
@@ -333,6 +341,10 @@ class FakeMetadata:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def refuse(self) -> bool:
+        self.unavailable -= 1
+        return self.unavailable >= 0
+
     def polls(self) -> int:
         """How often the notice was asked for."""
         return sum(1 for method, path in self.requests if method == "GET" and path.endswith("/spot/instance-action"))
@@ -341,7 +353,7 @@ class FakeMetadata:
         if path == "instance-life-cycle":
             return self.life_cycle
         if path == "local-ipv4":
-            return "127.0.0.1"
+            return self.local_ipv4
         if path == "spot/instance-action" and self.reclaim_at is not None:
             when = datetime.fromtimestamp(self.reclaim_at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             return json.dumps({"action": "terminate", "time": when})

@@ -8,12 +8,25 @@ import json
 from lstmgen import checkpoint, storage
 from lstmgen.errors import LstmgenError
 
+ROW_NUMBERS = ("step", "train_bpc", "val_bpc", "elapsed_s", "chars_per_s")  # what the report and the plot read from every row
+
 
 def read_metrics(run: str) -> list[dict]:
     path = storage.join(run, "metrics.jsonl")
     if not storage.exists(path):
         raise LstmgenError(f"{run}: no metrics.jsonl (not a run directory, or no evaluation yet)")
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+            if row is not None and not (isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in ROW_NUMBERS)):
+                raise ValueError(f"a row needs the numbers {', '.join(ROW_NUMBERS)}")
+        except ValueError as exc:
+            raise LstmgenError(f"{path}:{n}: not a metrics row ({exc})") from None
+        rows += [row] if row is not None else []
+    if not rows:
+        raise LstmgenError(f"{path}: no metrics rows")
+    return rows
 
 
 def short_rows(history: list[dict]) -> list[dict]:

@@ -46,24 +46,24 @@ def _metadata(base: str, path: str) -> str | None:
         raise
 
 
-def seconds_to_reclaim(base: str) -> float | None:
-    """Seconds until the instance is stopped or terminated, or None when no reclaim is announced."""
+def reclaim_deadline(base: str) -> float | None:
+    """When the instance is stopped or terminated (UNIX seconds), or None when no reclaim is
+    announced."""
     text = _metadata(base, "spot/instance-action")
     if text is None:
         return None
     when = datetime.strptime(json.loads(text)["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    return when.timestamp() - time.time()
+    return when.timestamp()
 
 
-def drain(address: str, node_id: str, seconds: float, message: str) -> None:
-    """Drain a Ray node with reason preemption and a deadline, as ``ray drain-node`` does."""
+def drain(address: str, node_id: str, deadline: float, message: str) -> None:
+    """Drain a Ray node with reason preemption and a deadline (UNIX seconds), as ``ray drain-node`` does."""
     import ray._raylet
     from ray.core.generated import autoscaler_pb2
 
     gcs = ray._raylet.GcsClient(address=address)
-    deadline_ms = int((time.time() + max(0.0, seconds)) * 1000)
     accepted, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                   message, deadline_ms)
+                                   message, int(deadline * 1000))
     if not accepted:
         raise RuntimeError(f"the drain of node {node_id} was refused: {why}")
 
@@ -81,23 +81,31 @@ def own_node_id(address: str, base: str) -> str:
     raise RuntimeError(f"no alive Ray node at {ip}")
 
 
-def watch(address: str, base: str, node_id: str = "", every: float = 5.0) -> float | None:
-    """Poll until a reclaim is announced, drain the node once, return the seconds AWS gave. Returns
-    None at once on an on-demand instance."""
-    if (_metadata(base, "instance-life-cycle") or "spot") != "spot":
-        print("lstmgen.spot: an on-demand instance: no reclaim to watch for", flush=True)
-        return None
+def _until_it_answers(what: str, read, every: float):
+    """``read()`` until it answers: the metadata service or the GCS briefly away (at boot, most
+    often) must not end a watcher that cluster.yaml starts only once."""
     while True:
         try:
-            seconds = seconds_to_reclaim(base)
-        except (OSError, ValueError, KeyError) as exc:  # the metadata service briefly away
-            print(f"lstmgen.spot: could not read the instance metadata ({exc})", flush=True)
-            seconds = None
-        if seconds is not None:
-            break
+            return read()
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            print(f"lstmgen.spot: could not read {what} ({exc}); trying again in {every:g} s", flush=True)
+            time.sleep(every)
+
+
+def watch(address: str, base: str, node_id: str = "", every: float = 5.0) -> float | None:
+    """Poll until a reclaim is announced, drain the node once, return the seconds AWS gave. Returns
+    None at once on an on-demand instance. Everything the drain needs (this node's id) is found
+    before the first poll, and the drain's deadline is the one AWS announced, so none of the two
+    minutes goes on lookups after the notice."""
+    life_cycle = _until_it_answers("the instance metadata", lambda: _metadata(base, "instance-life-cycle"), every)
+    if (life_cycle or "spot") != "spot":
+        print("lstmgen.spot: an on-demand instance: no reclaim to watch for", flush=True)
+        return None
+    node = node_id or _until_it_answers("this node's Ray node id", lambda: own_node_id(address, base), every)
+    while (deadline := _until_it_answers("the instance metadata", lambda: reclaim_deadline(base), every)) is None:
         time.sleep(every)
-    node = node_id or own_node_id(address, base)
-    drain(address, node, seconds, f"spot reclaim announced by the instance metadata, {seconds:.0f} s ahead")
+    seconds = deadline - time.time()
+    drain(address, node, deadline, f"spot reclaim announced by the instance metadata, {seconds:.0f} s ahead")
     print(f"lstmgen.spot: reclaim in {seconds:.0f} s: drained Ray node {node} (reason preemption)", flush=True)
     return seconds
 

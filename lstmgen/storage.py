@@ -101,7 +101,11 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_text(path: str) -> str:
-    return read_bytes(path).decode("utf-8")
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LstmgenError(f"{path}: not UTF-8 text (byte {exc.start} of {len(data)})") from None
 
 
 def write_bytes(path: str, data: bytes) -> None:

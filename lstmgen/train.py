@@ -8,8 +8,11 @@ the LR (warmup, then cosine over the step or time budget), forward with the LSTM
 from the previous batch of the same text streams (truncated BPTT, as char-rnn trains;
 ``--shuffle-windows`` starts each window from zero instead), backward, clip, AdamW step, log;
 every ``eval_every`` steps ``Reporter`` has the workers score the validation text together, and
-rank 0 writes ``metrics.jsonl`` and ``loss.png`` into the run directory and reports a checkpoint
-to Ray Train, which keeps the best ``keep`` by validation bpc plus the latest.
+rank 0 writes ``metrics.jsonl`` and ``loss.png`` into the run directory; every
+``checkpoint_every`` steps (by default with each evaluation), at the end, and on a reclaim notice
+it also reports a checkpoint to Ray Train, which keeps the best ``keep`` by validation bpc plus the
+latest. Before each row and checkpoint the workers check that the driver still holds the run's
+lease (``_fence``).
 
 On restart (``--resume``, or Ray Train's after a failure) the workers load the newest intact
 checkpoint in the run directory; the step counter, optimizer state and LR schedule continue from
@@ -38,7 +41,7 @@ from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
 from lstmgen.evaluate import carried_bits
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, default_precision, detach
-from lstmgen.windows import SplitReader, Stream, collate, pieces_of, window_ids
+from lstmgen.windows import SplitReader, Stream, check_prepared, collate, pieces_of, window_ids
 
 PIECE_WINDOWS = 4096  # the most windows in a piece a worker reads at a time (256 K characters at seq_len 64)
 NOTICE_EVERY_S = 1.0  # how often the workers ask Ray Train for a reclaim notice (a spot node's drain)
@@ -50,11 +53,7 @@ RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "preci
 def train(cfg: TrainConfig) -> dict:
     """The driver: check the data, the run directory and the cluster's capacity, take the run's
     lease, then hand the work to Ray Train."""
-    manifest = _read_manifest(cfg.data)
-    for split in ("train", "valid"):
-        if split in manifest["splits"] and not storage.is_dir(storage.join(cfg.data, split)):
-            raise LstmgenError(f"{cfg.data}: the {split}/ directory named in manifest.json is missing")
-    vocab = Vocab.from_json(storage.read_text(storage.join(cfg.data, "vocab.json")))
+    manifest, vocab = check_prepared(cfg.data, ("train", "valid"))  # damage no worker restart could fix ends the run here
     storage.require_prefix(cfg.run)
     storage.check_bucket(cfg.run)
     cfg = _reconcile_run(cfg, vocab)
@@ -115,7 +114,8 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep, checkpoint_score_attribute="val_bpc", checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   max_preemption_failures=-1),  # reclaims with or without notice: no limit
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": ds},
@@ -137,13 +137,6 @@ def _check_windows_per_worker(cfg: TrainConfig, manifest: dict) -> None:
     if windows // most < need:
         raise LstmgenError(f"{cfg.data}: {windows} training windows cannot give each of {most} worker(s) a batch of "
                            f"{cfg.batch_size} (needs {need} per worker); lower --batch-size or --workers, or add text")
-
-
-def _read_manifest(data: str) -> dict:
-    path = storage.join(data, "manifest.json")
-    if not storage.exists(path):
-        raise LstmgenError(f"{data}: no manifest.json; run lstmgen prepare --out {data} first")
-    return json.loads(storage.read_text(path))
 
 
 def _reconcile_run(cfg: TrainConfig, vocab: Vocab) -> TrainConfig:

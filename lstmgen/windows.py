@@ -103,15 +103,62 @@ def collate(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def read_manifest(data: str) -> dict:
+    """``DATA/manifest.json``, checked for the fields and types the jobs read, so that a damaged
+    one fails here in one line naming it, not in a worker (where Ray Train would restart it)."""
+    path = storage.join(data, "manifest.json")
+    if not storage.exists(path):
+        raise LstmgenError(f"{data}: no manifest.json; run lstmgen prepare --out {data} first")
+    try:
+        manifest = json.loads(storage.read_text(path))
+        counts = [int(part[key]) == part[key] >= 0 for part in manifest["splits"].values() for key in ("chars", "windows")]
+        good = int(manifest["seq_len"]) == manifest["seq_len"] > 0 and int(manifest["vocab_size"]) == manifest["vocab_size"] > 1
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LstmgenError(f"{path}: not a manifest written by lstmgen prepare ({type(exc).__name__}: {exc}); "
+                           "prepare the data again") from None
+    if not (good and all(counts)):
+        raise LstmgenError(f"{path}: not a manifest written by lstmgen prepare (seq_len, vocab_size or a split's "
+                           "counts is not a positive whole number); prepare the data again")
+    return manifest
+
+
+def read_vocab(data: str, manifest: dict | None = None) -> Vocab:
+    """``DATA/vocab.json``, checked against the manifest's vocabulary size."""
+    path = storage.join(data, "vocab.json")
+    manifest = manifest or read_manifest(data)
+    if not storage.exists(path):
+        raise LstmgenError(f"{path}: missing; prepare the data again")
+    try:
+        vocab = Vocab.from_json(storage.read_text(path))
+    except (ValueError, KeyError, TypeError, AttributeError, LstmgenError) as exc:
+        raise LstmgenError(f"{path}: not a vocabulary written by lstmgen prepare ({type(exc).__name__}: {exc})") from None
+    if len(vocab) != manifest["vocab_size"]:
+        raise LstmgenError(f"{path}: {len(vocab)} characters, but manifest.json says {manifest['vocab_size']}; "
+                           "prepare the data again")
+    return vocab
+
+
+def check_prepared(data: str, splits: tuple[str, ...]) -> tuple[dict, Vocab]:
+    """Prepared data checked as far as it can be without reading the windows: the manifest, the
+    vocabulary, and every Parquet footer of ``splits`` (the first is required, the others are
+    checked where the manifest lists them). Cheap: a few small reads per file."""
+    manifest = read_manifest(data)
+    if splits[0] not in manifest["splits"]:
+        raise LstmgenError(f"{data}: manifest.json lists no {splits[0]} split; prepare the data again")
+    for split in splits:
+        if split in manifest["splits"]:
+            SplitReader(data, split)
+    return manifest, read_vocab(data, manifest)
+
+
 def split_dir(data: str, split: str) -> tuple[str, dict]:
     """The directory of a split and the manifest, checked: only the splits the manifest lists are trusted."""
-    manifest_path = storage.join(data, "manifest.json")
-    if not storage.exists(manifest_path):
-        raise LstmgenError(f"{data}: no manifest.json; is it a directory written by lstmgen prepare?")
-    manifest = json.loads(storage.read_text(manifest_path))
+    manifest = read_manifest(data)
     where = storage.join(data, split)
-    if split not in manifest["splits"] or not storage.is_dir(where):
+    if split not in manifest["splits"]:
         raise LstmgenError(f"{data}: no {split!r} split here (manifest.json lists {', '.join(manifest['splits'])})")
+    if not storage.is_dir(where):
+        raise LstmgenError(f"{where}: missing, though manifest.json lists the {split} split; prepare the data again")
     return where, manifest
 
 
@@ -157,24 +204,62 @@ class SplitReader:
 
         self.batch = batch
         where, manifest = split_dir(data, split)
-        fs, path = storage.resolve(where)
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        self.row_groups: list[tuple[int, int, object]] = []  # (first window index, windows, row-group fragment)
-        for fragment in dataset.get_fragments():
-            meta = fragment.metadata
-            column = meta.schema.names.index("index")
-            for g in range(meta.num_row_groups):
-                group = meta.row_group(g)
-                stats = group.column(column).statistics
-                if group.num_rows and (stats is None or not stats.has_min_max):
-                    raise LstmgenError(f"{data}: {fragment.path} has no index statistics; was it written by lstmgen prepare?")
-                if group.num_rows:
-                    self.row_groups.append((int(stats.min), group.num_rows, fragment.subset(row_group_ids=[g])))
-        self.row_groups.sort(key=lambda group: group[0])
-        self.empty = dataset.schema.empty_table()
-        self.windows = sum(rows for _, rows, _ in self.row_groups)
         self.chars = int(manifest["splits"][split]["chars"])
         self.seq_len = int(manifest["seq_len"])
+        fs, path = storage.resolve(where)
+        try:
+            dataset = pads.dataset(path, filesystem=fs, format="parquet")
+            fragments = list(dataset.get_fragments())
+        except (OSError, pa.ArrowException) as exc:
+            raise LstmgenError(f"{where}: unreadable Parquet ({_first_line(exc)}); prepare the data again") from None
+        self.row_groups: list[tuple[int, int, object]] = []  # (first window index, windows, row-group fragment)
+        for fragment in fragments:
+            self.row_groups += self._row_groups(fragment, manifest)
+        self.row_groups.sort(key=lambda group: group[0])
+        self.empty = dataset.schema.empty_table()
+        self.windows = self._check_windows(where, manifest["splits"][split]["windows"])
+
+    def _row_groups(self, fragment, manifest: dict) -> list[tuple[int, int, object]]:
+        """A file's row groups, from its footer, checked: readable, the schema prepare writes, the
+        ``index`` statistics to find windows by, and no id beyond the vocabulary."""
+        try:
+            meta = fragment.metadata
+            sch = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as exc:
+            raise LstmgenError(f"{fragment.path}: not a readable Parquet file ({_first_line(exc)}); prepare the data again") from None
+        ids = sch.field("ids").type if "ids" in sch.names else None
+        if not (isinstance(ids, pa.FixedSizeListType) and ids.list_size == self.seq_len + 1
+                and {"length", "index"} <= set(sch.names)):
+            raise LstmgenError(f"{fragment.path}: not windows of {self.seq_len + 1} ids as lstmgen prepare writes them "
+                               f"(schema {sch.to_string(show_schema_metadata=False).replace(chr(10), '; ')})")
+        index, element = sch.names.index("index"), 0  # ids' one leaf is the first column
+        groups = []
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            if not group.num_rows:
+                continue
+            stats, id_stats = group.column(index).statistics, group.column(element).statistics
+            if stats is None or not stats.has_min_max:
+                raise LstmgenError(f"{fragment.path}: no index statistics; was it written by lstmgen prepare?")
+            if id_stats is not None and id_stats.has_min_max and int(id_stats.max) >= manifest["vocab_size"]:
+                raise LstmgenError(f"{fragment.path}: holds id {id_stats.max}, beyond the {manifest['vocab_size']} "
+                                   "characters of the vocabulary; prepare the data again")
+            groups.append((int(stats.min), group.num_rows, fragment.subset(row_group_ids=[g])))
+        return groups
+
+    def _check_windows(self, where: str, expected: int) -> int:
+        """The windows must run 0, 1, 2, ... across the files with none missing, and as many as
+        manifest.json says: a file removed or cut short would otherwise shorten the split unseen."""
+        position, before = 0, "the split's start"
+        for first, rows, fragment in self.row_groups:
+            if first != position:
+                raise LstmgenError(f"{fragment.path}: starts at window {first}, but {before} ends at window {position}: "
+                                   f"a file of {where} is missing or cut short; prepare the data again")
+            position, before = position + rows, fragment.path
+        if position != expected:
+            raise LstmgenError(f"{where}: the Parquet files hold {position} windows (the last is {before}), manifest.json "
+                               f"says {expected}: a file is missing or cut short; prepare the data again")
+        return position
 
     def tables(self, start: int = 0, stop: int | None = None) -> Iterator[pa.Table]:
         """Windows [start, stop) of the split in order, at most ``batch`` at a time."""
@@ -183,13 +268,24 @@ class SplitReader:
             if first + rows <= start or first >= stop:
                 continue
             position = first
-            for record_batch in fragment.to_batches(batch_size=self.batch, columns=self.COLUMNS):
+            for record_batch in self._batches(fragment):
                 lo, hi = max(start - position, 0), min(stop - position, record_batch.num_rows)
                 if hi > lo:
                     yield pa.Table.from_batches([record_batch.slice(lo, hi - lo)])
                 position += record_batch.num_rows
                 if position >= stop:
                     return
+
+    def _batches(self, fragment) -> Iterator[pa.RecordBatch]:
+        """A row group's windows, with each page's CRC checked (prepare writes them): damage
+        inside a file fails here in a line naming it, not as a decoding error or wrong ids later."""
+        import pyarrow.dataset as pads
+
+        options = pads.ParquetFragmentScanOptions(page_checksum_verification=True)
+        try:
+            yield from fragment.to_batches(batch_size=self.batch, columns=self.COLUMNS, fragment_scan_options=options)
+        except (OSError, pa.ArrowException) as exc:
+            raise LstmgenError(f"{fragment.path}: damaged ({_first_line(exc)}); prepare the data again") from None
 
     def read(self, start: int, stop: int) -> pa.Table:
         """Windows [start, stop) as one table."""
@@ -212,6 +308,10 @@ class SplitReader:
         per = n // rows
         bounds = [(r * per, (r + 1) * per) for r in range(rows)] + ([(rows * per, n)] if rows * per < n else [])
         return [self.ids(a, b) for a, b in bounds]
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def pieces_of(windows: int, size: int) -> list[dict]:

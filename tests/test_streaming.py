@@ -10,7 +10,7 @@ from lstmgen.evaluate import carried_bits, carried_bpc
 from lstmgen.model import CharLSTM, ModelConfig
 from lstmgen.windows import SplitReader, read_split, split_ids
 
-from .conftest import peak_traced
+from .conftest import peak_memory
 
 
 def test_split_reader_reads_the_text_in_order_from_any_window(corpora):
@@ -36,7 +36,7 @@ def test_evaluation_memory_does_not_grow_with_the_split(corpora):
         reader = SplitReader(corpora[name][0], "train", batch=128)  # memory: 16 rows x a batch of 128 windows
         scored[name] = carried_bits(model, reader.rows(16), segment=512)
 
-    peaks = {name: peak_traced(lambda n=name: score(n)) for name in ("small", "large")}
+    peaks = {name: peak_memory(lambda n=name: score(n)) for name in ("small", "large")}
     assert peaks["large"] <= 1.5 * peaks["small"], peaks
     for name in ("small", "large"):
         assert scored[name][1] == len(corpora[name][1]) - 1  # every character but the first scored once

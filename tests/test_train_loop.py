@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from lstmgen.report import short_rows
 from lstmgen.train import agreed_batches, epoch_batches, train
 from lstmgen.windows import SplitReader, pieces_of, read_split
 
-from .conftest import peak_traced
+from .conftest import peak_memory
 
 ROW_KEYS = {"step", "train_bpc", "train_steps", "lr", "chars_per_s", "elapsed_s", "resumed_from", "workers", "val_bpc",
             "holder"}
@@ -216,7 +217,7 @@ def test_training_loader_memory_does_not_grow_with_the_corpus(corpora):
         assert steps >= text.windows // 8 * 0.9  # the whole epoch was read
         return steps
 
-    peaks = {name: peak_traced(lambda n=name: one_epoch(n)) for name in ("small", "large")}
+    peaks = {name: peak_memory(lambda n=name: one_epoch(n)) for name in ("small", "large")}
     assert peaks["large"] <= 1.5 * peaks["small"], peaks
 
 
@@ -303,3 +304,50 @@ def test_ordinary_steps_read_nothing_back_from_the_device(ray_local, wiki_slice,
         ordinary = {step: n for step, n in reads.items() if step is not None and (step + 1) % 50}
         assert ordinary == {}, (rank, reads)
         assert reads[49] > 0 and reads[99] > 0, (rank, reads)  # each round's agreement (and rank 0's log line)
+
+
+def _one_worker_sees_the_notice_first(config: dict) -> None:
+    """On two Ray Train workers: rank 1 alone has a reclaim notice from the start, rank 0 gets
+    one only at its step 30 (as when the controller's notice reaches the workers at different
+    moments). Each writes the steps at which ``agreed_batches`` handed it a reclaim."""
+    import ray.train
+    from ray.train import PreemptionInfo
+    from ray.train.v2._internal.execution.context import get_train_context  # Ray's own per-worker notice slot
+
+    train_module.NOTICE_EVERY_S = 0.0  # ask at every round
+    rank = ray.train.get_context().get_world_rank()
+    slot = get_train_context().preemption_context
+    notice = PreemptionInfo(deadline_ms=int(time.time() * 1000) + 60_000, preempted_node_to_ranks={"n": [1]})
+    slot.preemption_info = notice if rank == 1 else None
+    cfg = TrainConfig(data="d", run="r", max_steps=60, log_every=10)
+    step, reclaims = [0], []
+    for _, _, reclaim in agreed_batches(lambda: iter(range(1000)), lambda: step[0], lambda: 0.0,
+                                        ray.train.get_preemption_info, cfg, 2, torch.device("cpu")):
+        if reclaim is not None:
+            reclaims.append(step[0])
+        step[0] += 1
+        if rank == 0 and step[0] == 30:
+            slot.preemption_info = notice
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(reclaims))
+
+
+@pytest.mark.slow
+def test_a_reclaim_notice_seen_by_one_worker_first_is_acted_on_by_all_at_the_same_step(ray_local, tmp_path):
+    """Both workers must take the notice's checkpoint at the same step, or neither (else one waits
+    in the checkpoint's collectives while the other runs its backward into the gradient
+    all-reduce). The workers ask at the same agreed step, and Ray Train's
+    ``get_preemption_info`` hands every worker rank 0's answer: this pins both, through real Ray
+    Train workers and its real synchronisation actor."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(_one_worker_sees_the_notice_first, train_loop_config={"out": str(tmp_path)},
+                           scaling_config=ray.train.ScalingConfig(num_workers=2),
+                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="notice"))
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        trainer.fit()
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1] == [30], seen  # not at rank 1's early notice; together at the first round after rank 0's
