@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=60, help="mean seconds between faults")
     parser.add_argument("--interval", type=int, default=100, help="--eval-every (a checkpoint with each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="the faults to draw from")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="lstmgen-chaos-"))
@@ -134,7 +135,7 @@ def main() -> None:
             time.sleep(rng.uniform(0.5, 1.5) * args.every)
             if status(env, jobs[-1]) not in ("PENDING", "RUNNING"):
                 break
-            kind = rng.choice(KINDS)
+            kind = rng.choice(args.kinds.split(","))
             before = steps_in(all_logs(env, jobs))
             fault = {"kind": kind, "at_s": round(time.time() - started), "last_step": max(before, default=0),
                      "log_at": len(all_logs(env, jobs))}
@@ -144,6 +145,8 @@ def main() -> None:
             print(f"{fault['at_s']:5d} s  {kind:8s} at step {fault['last_step']}", flush=True)
         final = status(env, jobs[-1])
         text = all_logs(env, jobs)
+        (work / "logs.txt").write_text(text + "".join(cli(env, "jobs", "status", j).stdout for j in jobs))
+        print(f"the jobs' logs: {work / 'logs.txt'}")
     finally:
         if cluster:
             cluster.stop()
@@ -179,7 +182,7 @@ def report(faults: list[dict], text: str, final: str, s3, args) -> None:
     for key, value in s3.env.items():
         os.environ[key] = value
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{RUN}/checkpoint_").get("Contents", [])
-    names = sorted({o["Key"].split("/")[1] for o in listed})
+    names = sorted({m.group(0) for o in listed if (m := re.match(r"checkpoint_\d+$", o["Key"].split("/")[1]))})
     broken = []
     for name in names:
         try:

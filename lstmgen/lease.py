@@ -10,7 +10,9 @@ only if it is still the version this trainer last read. On S3 these are conditio
 (``IfNoneMatch="*"``, ``IfMatch=ETag``); on local disk (or a filesystem every node mounts) the
 same comparison runs under an exclusive ``flock`` of ``RUN/lease.json.lock``. A holder whose
 renewal finds the lease taken (it was paused past its expiry and another trainer took the run)
-stops its run rather than write on.
+stops its run rather than write on. A renewal can land although its answer never came (storage
+stalled past the client's timeout, then served the request): the next renewal then finds another
+version holding this holder's own id, and takes that version as its own.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ class Lease:
             if self.lost:
                 return
             try:
-                _swap(self.path, self.version, None)
+                if _swap(self.path, self.version, None) is None:  # a renewal whose answer was lost landed after all
+                    held, version = _read(self.path)
+                    if held is not None and held.get("id") == self.holder["id"]:
+                        _swap(self.path, version, None)
             except LstmgenError as exc:  # storage away: the lease expires by itself
                 print(f"train: could not release the run's lease ({exc}); it expires within {TTL_S:.0f} s", flush=True)
 
@@ -86,8 +91,21 @@ def check_holder(run: str, holder_id: str) -> None:
     """Fencing: raise unless ``holder_id`` still holds the run's lease. The worker that publishes
     checks it before every metrics row and checkpoint, so a train that lost its run (its driver
     paused past the lease, or cut off from storage, while its workers trained on) writes nothing
-    further into a run another train now owns."""
-    held, _ = _read(storage.join(run, "lease.json"))
+    further into a run another train now owns. Storage that does not answer is waited for, up to
+    ``TTL_S``: a short outage costs a pause, not a worker restart."""
+    path = storage.join(run, "lease.json")
+    deadline, said = time.time() + TTL_S, False
+    while True:  # storage away: wait for it up to a lease's TTL (no row or checkpoint could be written meanwhile)
+        try:
+            held, _ = _read(path)
+            break
+        except LstmgenError as exc:
+            if time.time() > deadline:
+                raise LstmgenError(f"{path}: could not read the run's lease for {TTL_S:.0f} s ({exc})") from None
+            if not said:
+                print(f"train: storage unreachable ({exc}); waiting up to {TTL_S:.0f} s", flush=True)
+                said = True
+            time.sleep(1.0)
     if held is None or held.get("id") != holder_id:
         who = f"now held by host {held.get('host')}, pid {held.get('pid')}" if held else "gone"
         raise LstmgenError(f"{run}: this train no longer holds the run's lease ({who}); it stopped without writing further")
@@ -114,7 +132,10 @@ def _beat(lease: Lease) -> bool:
         print(f"train: could not renew the run's lease ({exc})", flush=True)
         return True
     if new is None:
-        held, _ = _read(lease.path)
+        held, version = _read(lease.path)
+        if held is not None and held.get("id") == lease.holder["id"]:  # an earlier renewal whose answer was lost landed
+            lease.version = version
+            return True
         who = f"host {held.get('host')}, pid {held.get('pid')}" if held else "removed"
         lease.lost = (f"{lease.path}: another train took this run ({who}) while this one was paused past its "
                       "lease; this train stopped without writing further")

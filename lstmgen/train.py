@@ -373,8 +373,9 @@ def agreed_batches(epoch, step, time_used, notice, cfg: TrainConfig, world: int,
     the workers last asked ``notice()`` (Ray Train's reclaim notice, which every worker must ask at
     the same step). ``reclaim`` is a notice that was not there when last asked, with the first
     batch after it; otherwise None (a notice that stays is acted on once; one that is withdrawn and
-    comes again, again). Between epochs each worker reads the rest of its shard (Ray Data starts
-    the next epoch when every worker has) and ``epoch()`` starts the next one.
+    comes again, again). When an epoch ends, each worker drops the rest of its batches unread
+    (``epoch_batches`` has already taken its whole shard from Ray Data) and ``epoch()`` starts the
+    next one.
     """
     clock = clock or steptime.StepClock(device, 0)
     asked, standing = time.time(), None  # when the notice was last asked for, and what it was
@@ -402,8 +403,7 @@ def agreed_batches(epoch, step, time_used, notice, cfg: TrainConfig, world: int,
                 steps += 1
             if have < round_steps:
                 break
-        for _ in batches:  # the rest of this worker's epoch
-            pass
+        getattr(batches, "close", lambda: None)()  # the rest of this worker's epoch is not read (its shard already is)
         clock.lap("data")
         if steps == 0:  # every worker counts the same agreed steps, so all stop here together
             raise LstmgenError(f"{cfg.data}: an epoch gave some worker no batch of {cfg.batch_size}; "
@@ -451,7 +451,7 @@ def _fence(run: str, holder: str, rank: int, world: int, device: torch.device) -
     if world > 1:
         flag = torch.tensor([float(bool(lost))], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        lost = lost or (f"{run}: this train no longer holds the run's lease" if flag.item() else "")
+        lost = lost or (f"{run}: rank 0 found the run's lease not this train's, or unreadable" if flag.item() else "")
     if lost:
         raise LstmgenError(lost)
 
@@ -503,16 +503,22 @@ def epoch_batches(shard, train_split: SplitReader, cfg: TrainConfig, seq_len: in
 
     Otherwise: each piece's windows shuffled, in batches that each start from zero state (the
     pieces come in a new order every epoch).
+
+    The shard's piece list is read whole at the start (Ray Data's epoch ends for this worker
+    there), so a worker whose epoch the others end early stops reading at once: nothing more is
+    decoded.
     """
-    tables = (train_split.read(piece["start"], piece["stop"]) for piece in shard.iter_rows())  # Ray Data: this worker's pieces
+    listed = list(shard.iter_rows())  # Ray Data: this worker's pieces for the epoch, a few numbers each
+    tables = (train_split.read(piece["start"], piece["stop"]) for piece in listed)  # each read when it is needed
     if not cfg.carry_state:
         for table in tables:
             table = table.take(rng.permutation(table.num_rows))
             for i in range(0, table.num_rows - cfg.batch_size + 1, cfg.batch_size):
                 yield collate(table.slice(i, cfg.batch_size))
         return
-    pieces = (window_ids(table) for table in tables)
     offset = int(rng.integers(0, seq_len))
+    order = rng.permutation(len(listed))  # a new order every epoch: the pieces left half read at its end differ
+    pieces = (window_ids(train_split.read(listed[i]["start"], listed[i]["stop"])) for i in order)
     streams = [Stream(pieces, skip=offset) for _ in range(cfg.batch_size)]
     while True:
         rows = [stream.take(seq_len) for stream in streams]

@@ -169,6 +169,33 @@ def test_a_release_racing_a_heartbeat_removes_the_lease_and_loses_nothing(tmp_pa
     assert not (tmp_path / "run" / "lease.json").exists()
 
 
+def test_a_renewal_that_landed_without_an_answer_does_not_lose_the_lease(tmp_path, monkeypatch):
+    """The storage serves a renewal after the client has given up on it (a stalled S3 server, then
+    continued). Caught by bench/chaos.py: the next renewal's compare-and-swap failed against the
+    version the lost answer carried, and the holder stopped its run, saying another train (its own
+    host and pid) had taken it."""
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    real_swap, beats = lease._swap, []
+
+    def answer_lost_once(path: str, expected, text):
+        new = real_swap(path, expected, text)
+        if threading.current_thread().name == "lstmgen-lease":
+            beats.append(new)
+            if len(beats) == 1:
+                raise LstmgenError(f"{path}: ReadTimeoutError: read timeout")  # written, but the holder never hears
+        return new
+
+    monkeypatch.setattr(lease, "_swap", answer_lost_once)
+    lost: list[str] = []
+    held = lease.acquire(str(tmp_path / "run"), on_lost=lost.append)
+    deadline = time.time() + 10
+    while len(beats) < 4 and time.time() < deadline:
+        time.sleep(0.02)
+    assert len(beats) >= 4 and lost == [] and _holds(str(tmp_path / "run"))["id"] == held.holder["id"]
+    held.release()
+    assert not (tmp_path / "run" / "lease.json").exists()
+
+
 @pytest.mark.slow
 def test_the_lease_works_on_s3(s3, monkeypatch):
     s3.client().create_bucket(Bucket="leases")
