@@ -160,13 +160,18 @@ def report(faults: list[dict], text: str, final: str, s3, args) -> None:
     """What survived: per fault the steps lost, then the run's rows and checkpoints."""
     from lstmgen import checkpoint
 
+    # Each simulated node forwards the shared log directory, so a line can come once per node, and
+    # late: a restart is where its "resumed from step" line first appears.
+    first: dict[str, int] = {}
+    for m in re.finditer(r"resumed from step (\d+)", text):
+        first.setdefault(text[text.rfind("\n", 0, m.start()) + 1 : m.end()].split(") ", 1)[-1] + f"@{m.group(1)}", m.start())
+    restarts = sorted((at, int(key.rsplit("@", 1)[1])) for key, at in first.items())
     for f in faults:  # the first restart after the fault, if any
-        later = text[f["log_at"]:]
-        resumed = re.search(r"resumed from step (\d+)", later)
-        f["resumed"] = int(resumed.group(1)) if resumed else None
-        if resumed:  # the last step trained before the restart (logged every 10) against the step resumed from
-            f["last_step"] = max([f["last_step"], *steps_in(later[: resumed.start()])])
-        f["lost"] = max(0, f["last_step"] - f["resumed"]) if resumed else 0
+        after = [(at, step) for at, step in restarts if at > f["log_at"]]
+        f["resumed"] = after[0][1] if after else None
+        if after:  # the last step trained before the restart (logged every 10) against the step resumed from
+            f["last_step"] = max([f["last_step"], *steps_in(text[f["log_at"] : after[0][0]])])
+        f["lost"] = max(0, f["last_step"] - f["resumed"]) if after else 0
     print(f"\nrun: {final}; faults: {dict(Counter(f['kind'] for f in faults))}")
     print(f"{'kind':8s}  {'at':>6s}  {'last step':>9s}  {'resumed':>7s}  {'lost':>5s}  (checkpoint every {args.interval})")
     for f in faults:
@@ -190,7 +195,7 @@ def report(faults: list[dict], text: str, final: str, s3, args) -> None:
         except Exception as exc:  # noqa: BLE001 - counted and named
             broken.append(f"{name}: {exc}")
     print(f"checkpoints: {len(names)} kept, {len(names) - len(broken)} load" + "".join(f"\n  {b}" for b in broken))
-    print(f"worker restarts: {text.count('resumed from step')}; lost beyond one interval: "
+    print(f"restarts: {len(restarts)}; lost beyond one interval: "
           f"{sum(f['lost'] > args.interval for f in faults)}; lost with notice: {sum(f['lost'] for f in faults if f['kind'] == 'notice')}")
 
 
