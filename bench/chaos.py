@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import BUCKET, ROOT, WIKI, cli, logs, status, steps_in  # noqa: E402  (bench/cluster.py)
+from cluster import BUCKET, cli, logs, start_cluster, status, steps_in  # noqa: E402  (bench/cluster.py)
 
 from lstmgen import rehearse  # noqa: E402
 from tests import s3server  # noqa: E402
@@ -117,15 +117,7 @@ def main() -> None:
     cluster = None
     faults: list[dict] = []
     try:
-        s3.client().create_bucket(Bucket=BUCKET)
-        corpus = work / "corpus.txt"
-        corpus.write_text(WIKI.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
-        env = dict(os.environ, **s3.env)
-        r = cli(env, "prepare", "--corpus", str(corpus), "--out", f"s3://{BUCKET}/data")
-        assert r.returncode == 0, r.stderr[-2000:]
-        cluster = rehearse.start(work / "cluster", env=s3.env, idle_timeout_s=10, max_per_type=2)
-        env.update(RAY_ADDRESS=cluster.url, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"],
-                   LSTMGEN_CODE_ON_NODES=str(ROOT))
+        cluster, env = start_cluster(work, s3)
         jobs = [submit(env, args.minutes, args.interval)]
         started = time.time()
         while not steps_in(logs(env, jobs[-1])):
@@ -166,10 +158,14 @@ def report(faults: list[dict], text: str, final: str, s3, args) -> None:
     for m in re.finditer(r"resumed from step (\d+)", text):
         first.setdefault(text[text.rfind("\n", 0, m.start()) + 1 : m.end()].split(") ", 1)[-1] + f"@{m.group(1)}", m.start())
     restarts = sorted((at, int(key.rsplit("@", 1)[1])) for key, at in first.items())
-    for f in faults:  # the first restart after the fault, if any
-        after = [(at, step) for at, step in restarts if at > f["log_at"]]
+    ends = [f["log_at"] for f in faults[1:]] + [len(text)]
+    for f, end in zip(faults, ends):  # the first restart after the fault and before the next one, if any
+        after = [(at, step) for at, step in restarts if f["log_at"] < at < end]
         f["resumed"] = after[0][1] if after else None
-        if after:  # the last step trained before the restart (logged every 10) against the step resumed from
+        notice = re.search(r"reclaim notice for worker\(s\) \[[\d, ]*\]; checkpoint at step (\d+)", text[f["log_at"] : end])
+        if notice:  # no step after a notice's checkpoint (step lines of the next attempt can come first: Ray's log dedup)
+            f["last_step"] = int(notice.group(1))
+        elif after:  # the last step trained before the restart (logged every 10) against the step resumed from
             f["last_step"] = max([f["last_step"], *steps_in(text[f["log_at"] : after[0][0]])])
         f["lost"] = max(0, f["last_step"] - f["resumed"]) if after else 0
     print(f"\nrun: {final}; faults: {dict(Counter(f['kind'] for f in faults))}")

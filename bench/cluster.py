@@ -209,6 +209,21 @@ def throughput(cluster, env: dict, workers: int, seconds: float, s3) -> float:
     return json.loads(body.splitlines()[-1])["chars_per_s"]
 
 
+def start_cluster(work: Path, s3) -> tuple[rehearse.Rehearsal, dict]:
+    """The first 400,000 characters of WikiText-2 prepared into ``s3://bench/data``, and the
+    rehearsal cluster with that S3; returns it and the env that submits jobs to it."""
+    s3.client().create_bucket(Bucket=BUCKET)
+    corpus = work / "corpus.txt"
+    corpus.write_text(WIKI.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
+    env = dict(os.environ, **s3.env)
+    r = cli(env, "prepare", "--corpus", str(corpus), "--out", f"s3://{BUCKET}/data")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cluster = rehearse.start(work / "cluster", env=s3.env, idle_timeout_s=10, max_per_type=2)
+    env.update(RAY_ADDRESS=cluster.url, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"],
+               LSTMGEN_CODE_ON_NODES=str(ROOT))
+    return cluster, env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--intervals", default="50,200", help="checkpoint intervals (steps) for the lost-node runs")
@@ -225,15 +240,7 @@ def main() -> None:
     s3 = s3server.start(work / "s3")
     cluster = None
     try:
-        s3.client().create_bucket(Bucket=BUCKET)
-        corpus = work / "corpus.txt"
-        corpus.write_text(WIKI.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
-        env = dict(os.environ, **s3.env)
-        r = cli(env, "prepare", "--corpus", str(corpus), "--out", f"s3://{BUCKET}/data")
-        assert r.returncode == 0, r.stderr[-2000:]
-        cluster = rehearse.start(work / "cluster", env=s3.env, idle_timeout_s=10, max_per_type=2)
-        env.update(RAY_ADDRESS=cluster.url, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"],
-                   LSTMGEN_CODE_ON_NODES=str(ROOT))
+        cluster, env = start_cluster(work, s3)
         if "first" in parts:
             print(f"submit -> first training step, from zero worker nodes: {first_step(cluster, env):.1f} s")
         if "lost" in parts:

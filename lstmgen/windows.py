@@ -278,14 +278,15 @@ class SplitReader:
 
     def _batches(self, fragment) -> Iterator[pa.RecordBatch]:
         """A row group's windows, with each page's CRC checked (prepare writes them): damage
-        inside a file fails here in a line naming it, not as a decoding error or wrong ids later."""
+        inside a file fails here in a line naming it, not as a decoding error or wrong ids later.
+        (So does storage that stops answering; Ray Train restarts the workers for that.)"""
         import pyarrow.dataset as pads
 
         options = pads.ParquetFragmentScanOptions(page_checksum_verification=True)
         try:
             yield from fragment.to_batches(batch_size=self.batch, columns=self.COLUMNS, fragment_scan_options=options)
         except (OSError, pa.ArrowException) as exc:
-            raise LstmgenError(f"{fragment.path}: damaged ({_first_line(exc)}); prepare the data again") from None
+            raise LstmgenError(f"{fragment.path}: could not read its windows ({_first_line(exc)})") from None
 
     def read(self, start: int, stop: int) -> pa.Table:
         """Windows [start, stop) as one table."""
