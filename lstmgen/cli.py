@@ -330,7 +330,17 @@ app.add_typer(cluster_app, name="cluster")
 
 def main() -> None:
     try:
-        app()
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.exceptions.TyperException as exc:  # a flag of the wrong type, unknown or missing: one line
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {' '.join(message.split())} (see {ctx.command_path if ctx else 'lstmgen'} --help)", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

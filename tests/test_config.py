@@ -1,13 +1,18 @@
 """Job configs: one place for every default, and flags a user did not give stay "not given"
 through `--resume` (on real files in a run directory; no Ray needed)."""
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from lstmgen import config as config_module
 from lstmgen.config import PRESETS, TrainConfig, default, train_config
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
@@ -87,3 +92,38 @@ def test_unknown_uri_schemes_are_refused_not_made_local_directories(tmp_path, ou
 def test_values_too_large_for_their_storage_type_are_refused(tmp_path):
     one_line_error(run_cli("prepare", "--out", "d", "--corpus", "c.txt", "--seq-len", "40000", cwd=tmp_path), "--seq-len")
     assert not any(tmp_path.iterdir())
+
+
+JOB_CONFIGS = [c for c in vars(config_module).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]
+REQUIRED = {"data": "d", "run": "r", "out": "o", "checkpoint": "c"}
+FLAG_OF = {"workers_max": "--workers"}  # parts of a flag that is not named after them
+NUMERIC = [(c, f.name) for c in JOB_CONFIGS for f in dataclasses.fields(c) if f.type in ("int", "float", int, float)]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(which=st.sampled_from(NUMERIC),
+       value=st.one_of(st.sampled_from([0, -1, 10**18, float("nan"), float("inf"), float("-inf"), 1e308, -1e-308]),
+                       st.integers(), st.floats()))
+def test_every_numeric_setting_of_every_job_takes_an_edge_value_or_names_its_flag(which, value):
+    """Each job's config (what its CLI flags and its job entrypoint build) either accepts the value
+    or refuses it with an LstmgenError (the CLI's one ``error:`` line) that names the flag; NaN and
+    infinities are never accepted."""
+    cls, name = which
+    required = {f.name: REQUIRED[f.name] for f in dataclasses.fields(cls) if f.name in REQUIRED
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    try:
+        cls(**required, **{name: value})
+    except LstmgenError as exc:
+        assert FLAG_OF.get(name, f"--{name.replace('_', '-')}") in str(exc), (cls.__name__, name, value, str(exc))
+        return
+    assert not (isinstance(value, float) and not math.isfinite(value)), (cls.__name__, name, value)
+
+
+@pytest.mark.parametrize("args,fragment", [(("train", "--data", "d", "--run", "r", "--hidden", "abc"), "'--hidden'"),
+                                           (("train", "--data", "d"), "'--run'"),
+                                           (("evaluate", "--checkpoint", "c", "--data", "d", "--bogus", "1"), "--bogus"),
+                                           (("nosuch",), "nosuch")])
+def test_a_flag_of_the_wrong_type_unknown_or_missing_is_one_line(tmp_path, args, fragment):
+    """Caught: Typer's own box of several lines (usage, a hint, the error) instead of one line."""
+    result = one_line_error(run_cli(*args, cwd=tmp_path), fragment)
+    assert result.endswith("--help)") and result.count("\n") == 0 and not any(tmp_path.iterdir())
