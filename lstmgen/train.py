@@ -403,7 +403,7 @@ def agreed_batches(epoch, step, time_used, notice, cfg: TrainConfig, world: int,
                 steps += 1
             if have < round_steps:
                 break
-        getattr(batches, "close", lambda: None)()  # the rest of this worker's epoch is not read (its shard already is)
+        batches.close()  # the rest of this worker's epoch is not read (its shard already is)
         clock.lap("data")
         if steps == 0:  # every worker counts the same agreed steps, so all stop here together
             raise LstmgenError(f"{cfg.data}: an epoch gave some worker no batch of {cfg.batch_size}; "

@@ -327,7 +327,7 @@ def _one_worker_sees_the_notice_first(config: dict) -> None:
     slot.preemption_info = notice if rank == 1 else None
     cfg = TrainConfig(data="d", run="r", max_steps=60, log_every=10)
     step, reclaims = [0], []
-    for _, _, reclaim in agreed_batches(lambda: iter(range(1000)), lambda: step[0], lambda: 0.0,
+    for _, _, reclaim in agreed_batches(lambda: (i for i in range(1000)), lambda: step[0], lambda: 0.0,
                                         ray.train.get_preemption_info, cfg, 2, torch.device("cpu")):
         if reclaim is not None:
             reclaims.append(step[0])
