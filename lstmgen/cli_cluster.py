@@ -11,10 +11,11 @@ from typing import Optional
 
 import typer
 
+from lstmgen import aws as aws_defaults
 from lstmgen.errors import LstmgenError
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, status, logs, stop.")
-cluster_app = typer.Typer(no_args_is_help=True, help="Rehearse cluster.yaml on this machine before paying for AWS.")
+cluster_app = typer.Typer(no_args_is_help=True, help="Fill cluster.yaml from your AWS stack, or rehearse it on this machine.")
 SUBMIT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}  # the job's own flags pass through
 REPO = Path(__file__).resolve().parent.parent  # the checkout: cluster.yaml, and the code the rehearsal's nodes run
 JOB_SERVER = typer.Option(None, "--address", envvar="RAY_ADDRESS",
@@ -101,6 +102,27 @@ def jobs_stop(job_id: str = typer.Argument(...), address: Optional[str] = JOB_SE
     typer.echo(f"{job_id}: {status}")
     if status not in sub.TERMINAL:
         raise LstmgenError(f"{job_id}: still {status} after {timeout:.0f} s")
+
+
+@cluster_app.command("init")
+def cluster_init(
+    stack: str = typer.Option("lstmgen", "--stack", help="The deployed infra/lstmgen.yaml stack."),
+    region: str = typer.Option(..., "--region", envvar="AWS_REGION", help="The stack's region, e.g. us-west-2."),
+    out: str = typer.Option(..., "--out", help="The cluster config to write, e.g. my-cluster.yaml."),
+    ami: Optional[str] = typer.Option(None, "--ami",
+                                      help="AMI id for every node (default: AWS's current Deep Learning GPU AMI, Ubuntu 22.04)."),
+    ami_parameter: str = typer.Option(aws_defaults.DLAMI_PARAMETER, "--ami-parameter",
+                                      help="The public SSM parameter that names the AMI when --ami is not given."),
+    template: str = typer.Option(str(REPO / "cluster.yaml"), "--template", help="The cluster config to fill (comments kept)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+) -> None:
+    """Write a cluster config for `ray up` with every account value filled from the stack's outputs
+    (instance profiles, security group, cluster name) and the region's AMI, each checked first."""
+    from lstmgen import aws
+
+    info = aws.init(stack, region, out, ami=ami, ami_parameter=ami_parameter, template=Path(template), overwrite=overwrite)
+    typer.echo(f"{out}: cluster {info.cluster_name} in {region}; data goes to s3://{info.bucket}/\n"
+               f"next: ray get-auth-token --generate (once), then ray up {out}")
 
 
 @cluster_app.command("rehearse")
