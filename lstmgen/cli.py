@@ -8,6 +8,7 @@ one line (``errors.error_line``) and exits 1.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ from lstmgen.config import (
     PrepareConfig,
     SampleConfig,
     TrainConfig,
+    TuneConfig,
     default,
     parse_workers,
     train_config,
@@ -143,19 +145,19 @@ def train(
     val_chars: Optional[int] = typer.Option(None, "--val-chars", help="Validation characters scored in training. " + D("val_chars")),
     keep: Optional[int] = typer.Option(None, "--keep", help="Best checkpoints kept (plus the latest). " + D("keep")),
     max_failures: Optional[int] = typer.Option(None, "--max-failures", help="Worker-group restarts allowed. " + D("max_failures")),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI: params, metrics and the final checkpoint "
+                                         'go there too (pip install -e ".[mlflow]").'),
+    mlflow_experiment: Optional[str] = typer.Option(None, "--mlflow-experiment", help="MLflow experiment. " + D("mlflow_experiment")),
+    config_file: Optional[str] = typer.Option(None, "--config", help="A JSON file of settings (e.g. a search's best.json); "
+                                              "flags given here win over it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run at --run from its latest checkpoint."),
     s3_endpoint: Optional[str] = S3_ENDPOINT,
     address: Optional[str] = ADDRESS,
 ) -> None:
-    """Train the LSTM with Ray Train; checkpoints, metrics.jsonl and loss.png go to --run."""
-    workers_min, workers_max = parse_workers(workers) if workers is not None else (None, None)
-    flags = dict(workers=workers_min, workers_max=workers_max, gpu=gpu, wait_timeout=wait_timeout, shared_fs=shared_fs,
-                 cell=cell, precision=precision, embed=embed, hidden=hidden, layers=layers, dropout=dropout,
-                 embed_dropout=embed_dropout, weight_drop=weight_drop, batch_size=batch_size, carry_state=carry_state, lr=lr,
-                 weight_decay=weight_decay, warmup_steps=warmup_steps, lr_floor=lr_floor, clip=clip,
-                 max_steps=max_steps, max_minutes=max_minutes, seed=seed, eval_every=eval_every,
-                 checkpoint_every=checkpoint_every, log_every=log_every, val_chars=val_chars, keep=keep, max_failures=max_failures)
-    cfg = train_config(preset, data=storage.absolute(data), run=storage.absolute(run), resume=resume, **flags)
+    """Train the LSTM with Ray Train; checkpoints, metrics.jsonl, loss.png and TensorBoard events go to --run."""
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint  # a --config on S3 is read before Ray starts
+    cfg = _train_config(locals())
     from lstmgen import steptime
 
     steptime.mark("cli")
@@ -166,6 +168,61 @@ def train(
     metrics = run_train(cfg)
     typer.echo(f"train: done at step {metrics.get('step')}, validation {metrics.get('val_bpc', float('nan')):.3f} bpc; "
                f"lstmgen report {run}")
+
+
+def _tune_options(
+    run: str = typer.Option(..., "--run", help="The search's directory: a run per trial in trials/, trials.json, best.json."),
+    search: list[str] = typer.Option(..., "--search", help="NAME=KIND:ARGS, repeated: any train setting, KIND one of "
+                                     "loguniform:LO:HI, uniform:LO:HI, randint:LO:HI, choice:A,B,C (e.g. lr=loguniform:3e-3:5e-2)."),
+    trials: int = typer.Option(TuneConfig.trials, "--trials", help="Trials drawn from the search space."),
+    max_concurrent: int = typer.Option(TuneConfig.max_concurrent, "--max-concurrent", help="Trials training at once."),
+    grace: float = typer.Option(TuneConfig.grace, "--grace", help="Share of its budget a trial trains before it can be stopped."),
+    reduction: int = typer.Option(TuneConfig.reduction, "--reduction", help="At each rung, 1 in this many trials goes on."),
+    search_seed: int = typer.Option(TuneConfig.search_seed, "--search-seed", help="Seed of the draws."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search in --run."),
+) -> None:
+    pass
+
+
+def tune(**given) -> None:
+    """Search train settings on Ray Tune: each trial is a training run (every train flag is the
+    fixed part of its config), successive halving stops those behind on validation bpc; the
+    table is printed, and RUN/best.json is a --config for train."""
+    if given.get("s3_endpoint"):
+        os.environ["AWS_ENDPOINT_URL"] = given["s3_endpoint"]
+    base = _train_config({**given, "resume": False})
+    cfg = TuneConfig(run=storage.absolute(given["run"]), train=base, search=list(given["search"]), trials=given["trials"],
+                     max_concurrent=given["max_concurrent"], grace=given["grace"], reduction=given["reduction"],
+                     search_seed=given["search_seed"], resume=given["resume"])
+    from lstmgen import tune as search
+
+    search.check(cfg, embedded=not (given.get("address") or os.environ.get("RAY_ADDRESS")))  # before Ray starts
+    _setup(None, given.get("address"), workers=cfg.max_concurrent * base.workers)
+    table = search.run_search(cfg)
+    typer.echo(search.table_text(table))
+    best = storage.join(cfg.run, "best.json")
+    typer.echo(f"tune: {sum(r['status'] == 'stopped early' for r in table)} of {len(table)} trials stopped early; "
+               + (f"the best's config: {best} (lstmgen train --config {best} ...)" if storage.exists(best) else "no trial scored"))
+
+
+_TUNE_OWN = inspect.signature(_tune_options, eval_str=True).parameters
+tune.__signature__ = inspect.Signature([*_TUNE_OWN.values(), *(p for name, p in inspect.signature(train, eval_str=True).parameters.items()
+                                                               if name not in _TUNE_OWN)])
+app.command()(tune)
+
+
+def _train_config(given: dict) -> TrainConfig:
+    """The TrainConfig of ``train``'s flags (``tune`` takes the same ones): the preset, then the
+    --config file, then the flags given."""
+    from lstmgen.config import settings_file
+
+    flags = {k: v for k, v in given.items() if k not in ("data", "run", "resume", "preset", "config_file", "s3_endpoint", "address")
+             and k in TrainConfig.__dataclass_fields__}
+    flags["workers"], flags["workers_max"] = parse_workers(given["workers"]) if given.get("workers") is not None else (None, None)
+    path = given.get("config_file")
+    settings = settings_file(path, storage.read_text(path)) if path else None
+    return train_config(given.get("preset") or "", settings, data=storage.absolute(given["data"]), run=storage.absolute(given["run"]),
+                        resume=given.get("resume", False), **flags)
 
 
 @app.command()

@@ -86,6 +86,8 @@ class TrainConfig:
     val_chars: int = 262144  # validation characters scored during training (evaluate scores all)
     log_every: int = 25
     max_failures: int = 2
+    mlflow: str = ""  # an MLflow tracking URI: params, every metrics row and the final checkpoint go there too
+    mlflow_experiment: str = "lstmgen"
     resume: bool = False
     preset: str = ""
     given: list[str] = field(default_factory=list)  # the fields set by a flag (not by a preset or a default)
@@ -130,6 +132,33 @@ class TrainConfig:
         return self.workers_max > self.workers
 
 
+@dataclass
+class TuneConfig:
+    """A search: every trial trains with ``train`` (its data, budget, workers, model) except for
+    the settings ``search`` draws."""
+
+    run: str
+    train: TrainConfig
+    search: list[str] = field(default_factory=list)  # NAME=KIND:ARGS, e.g. lr=loguniform:3e-3:5e-2
+    trials: int = 8
+    max_concurrent: int = 2
+    grace: float = 0.25  # no trial is stopped before this share of its budget
+    reduction: int = 2  # at each rung of successive halving, 1 in this many trials goes on
+    search_seed: int = 0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        _check(self, [
+            (self.trials >= 1, f"--trials must be at least 1 (got {self.trials})"),
+            (self.max_concurrent >= 1, f"--max-concurrent must be at least 1 (got {self.max_concurrent})"),
+            (0.0 < self.grace <= 1.0, f"--grace must be in (0, 1] (got {self.grace})"),
+            (self.reduction >= 2, f"--reduction must be at least 2 (got {self.reduction})"),
+            (self.search_seed >= 0, f"--search-seed must be >= 0 (got {self.search_seed})"),
+        ])
+
+
 def parse_workers(text: str) -> tuple[int, int]:
     """``--workers N`` (fixed) or ``--workers MIN-MAX`` (elastic) -> (workers, workers_max)."""
     low, dash, high = str(text).partition("-")
@@ -149,13 +178,39 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def train_config(preset: str = "", **flags) -> TrainConfig:
-    """Preset values first, then every flag the user actually gave (None means not given)."""
+NOT_IN_A_CONFIG_FILE = ("data", "run", "resume", "given", "preset")  # flags of the command, not settings of a model
+
+
+def settings_file(path: str, text: str) -> dict:
+    """A ``--config`` file: a JSON object of TrainConfig settings (``lstmgen tune`` writes one as
+    RUN/best.json), each of the field's type."""
+    import json
+
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise LstmgenError(f"{path}: not a JSON config ({exc})") from None
+    if not isinstance(values, dict):
+        raise LstmgenError(f"{path}: a config is a JSON object of settings")
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in types or key in NOT_IN_A_CONFIG_FILE:
+            raise LstmgenError(f"{path}: {key!r} is not a train setting" + (" a file can set" if key in types else ""))
+        want = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}.get(str(types[key]), (object,))
+        if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+            raise LstmgenError(f"{path}: {key} must be {str(types[key])} (got {value!r})")
+    return values
+
+
+def train_config(preset: str = "", settings: dict | None = None, **flags) -> TrainConfig:
+    """Preset values first, then a ``--config`` file's settings, then every flag the user actually
+    gave (None means not given)."""
     values: dict = {}
     if preset:
         if preset not in PRESETS:
             raise LstmgenError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
+    values.update(settings or {})
     values.update({k: v for k, v in flags.items() if v is not None})
     given = sorted(k for k, v in flags.items() if v is not None and k not in ("data", "run", "resume"))
     return TrainConfig(preset=preset, given=given, **values)

@@ -82,4 +82,8 @@ def summary(run: str) -> str:
         f"checkpoint   {chosen.path if chosen else '(none)'}",
         f"plot         {png}",
     ]
+    from lstmgen.tracking import events_dir
+
+    if storage.exists(events_dir(run)):
+        lines.append(f"tensorboard  tensorboard --logdir {events_dir(run)}")
     return "\n".join(lines)

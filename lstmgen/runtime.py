@@ -24,6 +24,7 @@ RAY_NOISE = (
     "self.exclude_resources = exclude_resources",  # and the source line the warning quotes
     "Token authentication is enabled for this Ray cluster",  # Ray's default, which lstmgen keeps
     "PYTHON worker processes have been started on node",  # the raylet counting Ray Train's and Ray Data's actors at start
+    "Detected that the Ray Train controller actor",  # its placement group cleaned up after a Tune trial is stopped
 )
 DEBUG = os.environ.get("LSTMGEN_DEBUG", "") not in ("", "0")
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lstmgen import capacity, checkpoint, lease, steptime, storage
+from lstmgen import capacity, checkpoint, lease, steptime, storage, tracking
 from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
@@ -47,12 +47,14 @@ PIECE_WINDOWS = 4096  # the most windows in a piece a worker reads at a time (25
 NOTICE_EVERY_S = 1.0  # how often the workers ask Ray Train for a reclaim notice (a spot node's drain)
 RECLAIM_GRACE_S = 30.0  # after a notice's deadline, how long to wait for the reclaim before training on
 RESUMABLE = ("max_steps", "max_minutes", "workers", "workers_max", "gpu", "precision", "max_failures", "eval_every", "log_every", "keep",
-             "wait_timeout", "shared_fs")
+             "wait_timeout", "shared_fs", "mlflow", "mlflow_experiment")
+SAMPLE_CHARS = 300  # the sample text each checkpoint's row carries (TensorBoard shows it)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, callbacks: tuple = ()) -> dict:
     """The driver: check the data, the run directory and the cluster's capacity, take the run's
-    lease, then hand the work to Ray Train."""
+    lease, then hand the work to Ray Train. ``callbacks`` go to Ray Train's RunConfig (a Tune
+    trial passes Tune's report callback)."""
     manifest, vocab = check_prepared(cfg.data, ("train", "valid"))  # damage no worker restart could fix ends the run here
     storage.require_prefix(cfg.run)
     storage.check_bucket(cfg.run)
@@ -64,7 +66,7 @@ def train(cfg: TrainConfig) -> dict:
     steptime.mark("checks")
     run_lease = lease.acquire(cfg.run)  # one writer per run; losing it interrupts this thread
     try:
-        return _run_trainer(cfg, vocab, manifest, bundle, use_gpu, run_lease.holder["id"])
+        return _run_trainer(cfg, vocab, manifest, bundle, use_gpu, run_lease.holder["id"], callbacks)
     except KeyboardInterrupt:
         if run_lease.lost:
             raise LstmgenError(run_lease.lost) from None
@@ -73,12 +75,14 @@ def train(cfg: TrainConfig) -> dict:
         run_lease.release()
 
 
-def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, use_gpu: bool, holder: str) -> dict:
+def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, use_gpu: bool, holder: str,
+                 callbacks: tuple = ()) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     _save_run(cfg, vocab)
+    mlflow_run = tracking.start_mlflow(cfg.mlflow, cfg.mlflow_experiment, cfg.run, asdict(cfg)) if cfg.mlflow else ""
 
     fs, run_path = storage.resolve(cfg.run)
     storage_path, name = run_path.rsplit("/", 1)
@@ -102,7 +106,8 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
     steptime.mark("trainer")
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
-                   "threads": threads, "cluster": not embedded(), "milestones": steptime.milestones(), "holder": holder}
+                   "threads": threads, "cluster": not embedded(), "milestones": steptime.milestones(), "holder": holder,
+                   "mlflow_run": mlflow_run}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -117,15 +122,20 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
                                                    max_preemption_failures=-1),  # reclaims with or without notice: no limit
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
         datasets={"train": ds},
     )
     workers = f"{cfg.workers}-{cfg.workers_max} (elastic)" if cfg.elastic else str(cfg.workers)
     print(f"train: {workers} worker(s) x batch {cfg.batch_size} x {manifest['seq_len']} chars -> {cfg.run}")
     result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    if mlflow_run:  # the final checkpoint as the MLflow run's artifact
+        final = storage.join(cfg.run, checkpoint.checkpoint_name(metrics["step"])) if "step" in metrics else None
+        tracking.finish_mlflow(cfg.mlflow, mlflow_run, None if result.error else final, ok=not result.error)
     if result.error:
         raise result.error
-    return dict(result.metrics or {})
+    return metrics
 
 
 def _check_windows_per_worker(cfg: TrainConfig, manifest: dict) -> None:
@@ -284,7 +294,8 @@ def train_loop(config: dict) -> None:
     train_split = SplitReader(cfg.data, "train")
     valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read at each evaluation
     rng = np.random.default_rng(cfg.seed + progress.step)  # the same on every worker
-    reporter = Reporter(cfg, rank, world, device, amp, raw_model, opt, model_cfg, vocab, seq_len, valid, config["holder"])
+    reporter = Reporter(cfg, rank, world, device, amp, raw_model, opt, model_cfg, vocab, seq_len, valid, config["holder"],
+                        config.get("mlflow_run", ""))
 
     def epoch():
         return epoch_batches(shard, train_split, cfg, seq_len, rng)
@@ -545,6 +556,7 @@ class Reporter:
     seq_len: int
     valid: SplitReader | None
     holder: str  # the id of the run's lease this train holds: every row and checkpoint carries it
+    mlflow_run: str = ""  # rank 0 logs every row to this MLflow run (--mlflow)
 
     def evaluate_and_report(self, progress: Progress, losses: LossMeter, lr: float, save: bool,
                             clock: steptime.StepClock) -> None:
@@ -557,9 +569,11 @@ class Reporter:
             row = progress.history[-1]  # this step was scored a moment ago (its row is written): only the checkpoint is new
         else:
             train_bpc = losses.bpc() if losses.steps else progress.history[-1]["train_bpc"]
+            seconds, cfg = progress.seconds(), self.cfg
+            used = max(progress.step / cfg.max_steps, seconds / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0)
             row = {"step": progress.step, "train_bpc": train_bpc, "train_steps": losses.steps, "lr": lr,
-                   "chars_per_s": losses.chars_per_s(), "elapsed_s": progress.seconds(), "resumed_from": progress.resumed_from,
-                   "workers": self.world, "holder": self.holder}
+                   "chars_per_s": losses.chars_per_s(), "elapsed_s": seconds, "budget_used": min(1.0, used), "time": time.time(),
+                   "resumed_from": progress.resumed_from, "workers": self.world, "holder": self.holder}
             row["val_bpc"] = self._validation_bpc() if self.valid is not None else train_bpc  # no valid split: rank by training loss
             progress.history.append(row)
         clock.lap("evaluate")
@@ -586,6 +600,21 @@ class Reporter:
             dist.all_reduce(total)
         return float(total[0] / total[1])
 
+    def _sample(self) -> str:
+        """A few hundred characters from the model as it stands, for the checkpoint's row."""
+        from lstmgen.config import SampleConfig
+        from lstmgen.generate import generate_batch
+
+        prime = "\n" if "\n" in self.vocab else self.vocab[-1]
+        self.raw_model.eval()
+        try:
+            with torch.no_grad(), self.amp:
+                out = generate_batch(self.raw_model, Vocab(self.vocab), [prime], [self.cfg.seed],
+                                     SampleConfig(length=SAMPLE_CHARS), device=str(self.device))
+        finally:
+            self.raw_model.train()
+        return out[0]["text"]
+
     def _publish(self, progress: Progress, row: dict, save: bool, clock: steptime.StepClock) -> None:
         """Rank 0: metrics.jsonl and loss.png into the run directory, and the row (with a checkpoint
         when ``save``) to Ray Train, which persists the checkpoint and keeps the best ``--keep``."""
@@ -593,13 +622,18 @@ class Reporter:
 
         cfg = self.cfg
         print(f"step {progress.step:6d} | valid {row['val_bpc']:.3f} bpc", flush=True)
+        if save and "sample" not in row:
+            row["sample"] = self._sample()
         storage.write_text(storage.join(cfg.run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in progress.history))
         try:
             from lstmgen.report import plot
 
             plot(progress.history, cfg.run)
+            tracking.write_events(progress.history, cfg.run)
         except Exception as exc:  # a plot must never stop training
             print(f"train: could not plot ({exc})")
+        if self.mlflow_run:
+            tracking.log_row(cfg.mlflow, self.mlflow_run, row)
         clock.lap("metrics")
         if not save:
             ray.train.report(row)  # Ray
