@@ -179,6 +179,8 @@ def _tune_options(
     grace: float = typer.Option(TuneConfig.grace, "--grace", help="Share of its budget a trial trains before it can be stopped."),
     reduction: int = typer.Option(TuneConfig.reduction, "--reduction", help="At each rung, 1 in this many trials goes on."),
     search_seed: int = typer.Option(TuneConfig.search_seed, "--search-seed", help="Seed of the draws."),
+    baseline: bool = typer.Option(TuneConfig.baseline, "--baseline/--no-baseline",
+                                  help="The first trial trains the searched settings as the flags (or defaults) give them."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search in --run."),
 ) -> None:
     pass
@@ -193,7 +195,7 @@ def tune(**given) -> None:
     base = _train_config({**given, "resume": False})
     cfg = TuneConfig(run=storage.absolute(given["run"]), train=base, search=list(given["search"]), trials=given["trials"],
                      max_concurrent=given["max_concurrent"], grace=given["grace"], reduction=given["reduction"],
-                     search_seed=given["search_seed"], resume=given["resume"])
+                     search_seed=given["search_seed"], baseline=given["baseline"], resume=given["resume"])
     from lstmgen import tune as search
 
     search.check(cfg, embedded=not (given.get("address") or os.environ.get("RAY_ADDRESS")))  # before Ray starts

@@ -24,7 +24,7 @@ JOB_SERVER = typer.Option(None, "--address", envvar="RAY_ADDRESS",
 
 def submit(
     ctx: typer.Context,
-    job: str = typer.Argument(..., help="prepare | train | generate | evaluate | checkpoints"),
+    job: str = typer.Argument(..., help="prepare | train | tune | generate | evaluate | checkpoints"),
     address: Optional[str] = JOB_SERVER,
     follow_logs: bool = typer.Option(False, "--follow", help="Tail the logs; exit with the job's status."),
 ) -> None:
@@ -45,8 +45,8 @@ def submit(
 def _validate_job_args(ctx: typer.Context, job: str, args: list[str]) -> None:
     """Parse the job's arguments with the local command's parser, so a bad flag fails here, now."""
     command = getattr(ctx.find_root().command, "commands", {}).get(job)
-    if job not in ("prepare", "train", "generate", "evaluate", "checkpoints") or command is None:
-        raise LstmgenError(f"cannot submit {job!r}; choose prepare, train, generate, evaluate or checkpoints")
+    if job not in ("prepare", "train", "tune", "generate", "evaluate", "checkpoints") or command is None:
+        raise LstmgenError(f"cannot submit {job!r}; choose prepare, train, tune, generate, evaluate or checkpoints")
     try:
         command.make_context(job, list(args), resilient_parsing=False)
     except Exception as exc:  # Typer's own (vendored) click exceptions

@@ -145,6 +145,7 @@ class TuneConfig:
     grace: float = 0.25  # no trial is stopped before this share of its budget
     reduction: int = 2  # at each rung of successive halving, 1 in this many trials goes on
     search_seed: int = 0
+    baseline: bool = True  # the first trial trains the fixed config as given, for comparison
     resume: bool = False
 
     def __post_init__(self) -> None:

@@ -26,7 +26,6 @@ from lstmgen.config import NOT_IN_A_CONFIG_FILE, TrainConfig, TuneConfig
 from lstmgen.errors import LstmgenError
 
 KINDS = ("loguniform", "uniform", "randint", "choice")
-FINISHED = 0.999  # a trial whose last row used this much of its budget ran to the end
 
 
 def parse_search(specs: list[str], base: TrainConfig) -> dict[str, tuple[str, list]]:
@@ -111,7 +110,8 @@ def trial(config: dict, base: dict, root: str) -> None:
     run = storage.join(root, "trials", tune.get_context().get_trial_id())
     values = {**base, **config, "run": run, "resume": storage.exists(storage.join(run, "train_config.json")),
               "given": sorted(set(base["given"]) | set(config))}
-    train(TrainConfig(**values), callbacks=(TuneReportCallback(),))
+    metrics = train(TrainConfig(**values), callbacks=(TuneReportCallback(),))
+    tune.report({**metrics, "finished": True})  # only a trial the scheduler let run to its end gets here
 
 
 def check(cfg: TuneConfig, embedded: bool) -> dict[str, tuple[str, list]]:
@@ -159,13 +159,15 @@ def run_search(cfg: TuneConfig) -> list[dict]:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
         storage.write_text(saved, json.dumps({**asdict(cfg), "train": asdict(base)}, indent=1))
+        baseline = [{name: getattr(base, name) for name in parsed}] if cfg.baseline else None  # trial 0: the config as given
         scheduler = ASHAScheduler(time_attr="budget_used", metric="val_bpc", mode="min", max_t=1.0 + 1e-6,  # a trial ends itself
                                   grace_period=cfg.grace, reduction_factor=cfg.reduction)
         tuner = tune.Tuner(
             trainable,
             param_space=_space(parsed),
-            tune_config=tune.TuneConfig(num_samples=cfg.trials, max_concurrent_trials=cfg.max_concurrent, scheduler=scheduler,
-                                        search_alg=BasicVariantGenerator(random_state=cfg.search_seed),
+            tune_config=tune.TuneConfig(num_samples=cfg.trials, scheduler=scheduler,
+                                        search_alg=BasicVariantGenerator(random_state=cfg.search_seed, points_to_evaluate=baseline,
+                                                                         max_concurrent=cfg.max_concurrent),
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(name="tune", storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
@@ -194,7 +196,7 @@ def summarize(root: str, results, searched: list[str]) -> list[dict]:
             best = min(history, key=lambda r: r["val_bpc"])
             row.update(steps=history[-1]["step"], best_val_bpc=best["val_bpc"], budget_used=history[-1].get("budget_used", 0.0))
         row["status"] = ("error: " + str(result.error).strip().splitlines()[-1][:200] if result.error
-                         else "finished" if row.get("budget_used", 0.0) >= FINISHED else "stopped early")
+                         else "finished" if (result.metrics or {}).get("finished") else "stopped early")
         table.append(row)
     table.sort(key=lambda r: r.get("best_val_bpc", math.inf))
     storage.write_text(storage.join(root, "trials.json"), json.dumps(table, indent=1))

@@ -35,6 +35,7 @@ def test_a_search_stops_the_trials_behind_and_its_best_config_trains(data, tmp_p
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = json.loads((search / "trials.json").read_text())
     assert len(table) == 6
+    assert next(r for r in table if r["trial"].endswith("_00000"))["config"] == {"lr": 0.02, "embed": 32}  # the baseline: tiny's
 
     # Every trial is an ordinary run with the drawn settings on top of the fixed ones.
     for row in table:
@@ -45,6 +46,11 @@ def test_a_search_stops_the_trials_behind_and_its_best_config_trains(data, tmp_p
         rows = _rows(run)
         assert row["steps"] == rows[-1]["step"] and row["best_val_bpc"] == min(r["val_bpc"] for r in rows)
         assert run_cli("report", str(run)).returncode == 0
+    spans = []  # when each trial trained: never more than --max-concurrent at once
+    for row in table:
+        rows = _rows(Path(row["run"]))
+        spans.append((rows[0]["time"] - rows[0]["elapsed_s"], rows[-1]["time"]))
+    assert max(sum(start < t < end for start, end in spans) for t, _ in spans) <= 1, spans  # at a trial's start, at most one other
     stopped = [r for r in table if r["status"] == "stopped early"]
     finished = [r for r in table if r["status"] == "finished"]
     assert stopped and finished and len(stopped) + len(finished) == 6, table
