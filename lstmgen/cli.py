@@ -199,7 +199,11 @@ def tune(**given) -> None:
     from lstmgen import tune as search
 
     search.check(cfg, embedded=not (given.get("address") or os.environ.get("RAY_ADDRESS")))  # before Ray starts
-    _setup(None, given.get("address"), workers=cfg.max_concurrent * base.workers)
+    # Embedded Ray: logical CPUs beyond the trials' workers, one for Ray Data and one per trial, so a
+    # trial never waits for the placement group of a trial stopped before it to be removed (Ray
+    # Train's cleaner removes it, minutes late on a loaded machine). What trains at once is still
+    # --max-concurrent x --workers, which `check` held to the cores.
+    _setup(None, given.get("address"), workers=cfg.max_concurrent * base.workers + 1 + cfg.trials)
     table = search.run_search(cfg)
     typer.echo(search.table_text(table))
     best = storage.join(cfg.run, "best.json")

@@ -87,6 +87,19 @@ def acquire(run: str, on_lost: Callable[[str], None] | None = None) -> Lease:
     return lease
 
 
+def wait_until_free(run: str, timeout: float = TTL_S + RENEW_S) -> None:
+    """Wait until the run's lease is gone or stale, up to ``timeout``: a search's trial restarted
+    by ``tune --resume`` after its previous holder died on another node, which cannot tell it is
+    dead before the lease expires. ``acquire`` then takes it (or says why not)."""
+    path = storage.join(run, "lease.json")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        held, _ = _read(path)
+        if held is None or _stale(held):
+            return
+        time.sleep(2.0)
+
+
 def check_holder(run: str, holder_id: str) -> None:
     """Fencing: raise unless ``holder_id`` still holds the run's lease. The worker that publishes
     checks it before every metrics row and checkpoint, so a train that lost its run (its driver

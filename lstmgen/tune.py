@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import asdict, fields
 
-from lstmgen import storage
+from lstmgen import lease, storage
 from lstmgen.config import NOT_IN_A_CONFIG_FILE, TrainConfig, TuneConfig
 from lstmgen.errors import LstmgenError
 
@@ -110,6 +110,12 @@ def trial(config: dict, base: dict, root: str) -> None:
     run = storage.join(root, "trials", tune.get_context().get_trial_id())
     values = {**base, **config, "run": run, "resume": storage.exists(storage.join(run, "train_config.json")),
               "given": sorted(set(base["given"]) | set(config))}
+    if values["resume"]:
+        lease.wait_until_free(run)  # its holder before the interruption may have died on another node
+    # Ray Train gives a worker group 60 s to start. A trial may have to wait longer: for the workers
+    # of a trial just stopped to go (their placement group is removed by Ray Train's cleaner, which
+    # can lag on a loaded machine) or for nodes to join. It waits as long as --wait-timeout says.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(base["wait_timeout"])  # Ray Train passes it to the controller
     metrics = train(TrainConfig(**values), callbacks=(TuneReportCallback(),))
     tune.report({**metrics, "finished": True})  # only a trial the scheduler let run to its end gets here
 

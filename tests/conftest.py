@@ -4,6 +4,7 @@ Nothing here is mocked: Ray is a real local runtime, the CLI runs as a real subp
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-FIRST = ("test_rehearsal.py", "test_fault.py", "test_s3.py", "test_submit.py")  # the longest files, started first
+FIRST = ("test_rehearsal.py", "test_fault.py", "test_s3.py", "test_submit.py",  # the longest files, started first
+         "test_tune.py", "test_tracking.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
@@ -102,6 +104,7 @@ def peak_memory(fn) -> int:
     peaks are added, an upper bound of the peak of both together."""
     import pyarrow as pa
 
+    gc.collect()  # what earlier work left for the cycle collector is not counted: only what ``fn`` holds
     previous = pa.default_memory_pool()
     arrow = pa.proxy_memory_pool(previous)  # counts what goes through it, its own peak included
     pa.set_memory_pool(arrow)

@@ -74,13 +74,16 @@ def aws(moto_url, tmp_path, monkeypatch):
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, value)
-    return env
+    yield env
+    import boto3
+
+    boto3.DEFAULT_SESSION = None  # nothing of moto's credentials stays for the tests after these
 
 
 def _client(service: str):
     import boto3
 
-    return boto3.client(service, region_name=REGION)
+    return boto3.session.Session().client(service, region_name=REGION)  # not boto3's default session, which keeps credentials
 
 
 def deploy(name: str = "lstmgen", template: str | None = None, **params: str) -> dict:
@@ -228,6 +231,19 @@ def _calls(recording: Path) -> set[str]:
     return calls
 
 
+LAUNCH_WORKERS = """
+import sys, yaml
+from ray.autoscaler._private.commands import _bootstrap_config
+from ray.autoscaler._private.providers import _get_node_provider
+from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
+config = _bootstrap_config(yaml.safe_load(open(sys.argv[1]).read()), no_config_cache=True)
+provider = _get_node_provider(config["provider"], config["cluster_name"])
+for name in ("gpu_ondemand", "gpu_spot"):
+    tags = {TAG_RAY_NODE_KIND: "worker", TAG_RAY_USER_NODE_TYPE: name, TAG_RAY_NODE_NAME: "ray-worker"}
+    provider.create_node(config["available_node_types"][name]["node_config"], tags, 1)
+"""
+
+
 def _instances(**tags: str) -> list[dict]:
     filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in tags.items()]
     reservations = _client("ec2").describe_instances(Filters=filters)["Reservations"]
@@ -251,9 +267,11 @@ def test_ray_up_launches_the_head_and_ray_down_leaves_nothing(aws, tmp_path, mot
     config_path.write_text(yaml.safe_dump(config))
     ray_cli = str(Path(sys.executable).with_name("ray"))
     env = dict(os.environ)
+    mounted = tmp_path / "checkout"  # file_mounts' `~/lstmgen: .`: ray up hashes it, and a checkout may hold live Ray temp files
+    mounted.mkdir()
 
     # ray up: stopped once the head is launched and Ray waits for its SSH, which never comes.
-    up = subprocess.Popen([ray_cli, "up", "-y", "--no-config-cache", str(config_path)], cwd=ROOT, env=env,
+    up = subprocess.Popen([ray_cli, "up", "-y", "--no-config-cache", str(config_path)], cwd=mounted, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and up.poll() is None:
@@ -262,7 +280,8 @@ def test_ray_up_launches_the_head_and_ray_down_leaves_nothing(aws, tmp_path, mot
         if heads:
             break
         time.sleep(1)
-    os.killpg(up.pid, signal.SIGTERM)
+    if up.poll() is None:
+        os.killpg(up.pid, signal.SIGTERM)
     log = up.communicate(timeout=30)[0]
     assert heads, f"ray up launched no head:\n{log[-3000:]}"
     print("ray up stopped after the head's launch: moto's instances run no SSH")
@@ -274,17 +293,11 @@ def test_ray_up_launches_the_head_and_ray_down_leaves_nothing(aws, tmp_path, mot
     assert _tags(head)["ray-user-node-type"] == "head"
     assert head["ImageId"] == config["available_node_types"]["head"]["node_config"]["ImageId"]
 
-    # The workers, as the autoscaler on the head launches them: Ray's AWS node provider with each node config.
-    from ray.autoscaler._private.commands import _bootstrap_config
-    from ray.autoscaler._private.providers import _get_node_provider
-    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
-
-    bootstrapped = _bootstrap_config(yaml.safe_load(config_path.read_text()), no_config_cache=True)
-    provider = _get_node_provider(bootstrapped["provider"], bootstrapped["cluster_name"])
-    for name in ("gpu_ondemand", "gpu_spot"):
-        node_config = bootstrapped["available_node_types"][name]["node_config"]
-        provider.create_node(node_config, {TAG_RAY_NODE_KIND: "worker", TAG_RAY_USER_NODE_TYPE: name,
-                                           TAG_RAY_NODE_NAME: f"ray-{CLUSTER}-worker"}, 1)
+    # The workers, as the autoscaler on the head launches them: Ray's AWS node provider with each
+    # node config (in a process of its own: Ray caches its boto3 clients, credentials included).
+    launch = subprocess.run([sys.executable, "-c", LAUNCH_WORKERS, str(config_path)], cwd=mounted, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert launch.returncode == 0, launch.stderr[-3000:]
     workers = {_tags(i)["ray-user-node-type"]: i for i in _instances(**{"ray-cluster-name": CLUSTER, "ray-node-type": "worker"})}
     assert sorted(workers) == ["gpu_ondemand", "gpu_spot"]
     for worker in workers.values():
@@ -296,7 +309,7 @@ def test_ray_up_launches_the_head_and_ray_down_leaves_nothing(aws, tmp_path, mot
     assert workers["gpu_ondemand"].get("InstanceLifecycle") in (None, "scheduled", "normal")
 
     # ray down: every instance of the cluster terminated.
-    down = subprocess.run([ray_cli, "down", "-y", str(config_path)], cwd=ROOT, env=env, capture_output=True,
+    down = subprocess.run([ray_cli, "down", "-y", str(config_path)], cwd=mounted, env=env, capture_output=True,
                           text=True, timeout=180)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     left = [(i["InstanceId"], i["State"]["Name"]) for i in _instances(**{"ray-cluster-name": CLUSTER})]

@@ -95,7 +95,7 @@ def test_values_too_large_for_their_storage_type_are_refused(tmp_path):
 
 
 JOB_CONFIGS = [c for c in vars(config_module).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]
-REQUIRED = {"data": "d", "run": "r", "out": "o", "checkpoint": "c"}
+REQUIRED = {"data": "d", "run": "r", "out": "o", "checkpoint": "c", "train": {"data": "d", "run": "r"}}
 FLAG_OF = {"workers_max": "--workers"}  # parts of a flag that is not named after them
 NUMERIC = [(c, f.name) for c in JOB_CONFIGS for f in dataclasses.fields(c) if f.type in ("int", "float", int, float)]
 

@@ -102,14 +102,18 @@ def test_a_run_logs_to_tensorboard_and_mlflow_the_rows_of_metrics_jsonl(data, ml
     assert sorted(steps) == [20, 40, 60, 80]
 
 
-def test_without_mlflow_nothing_of_it_is_imported(data, tmp_path):
+def test_without_mlflow_nothing_of_it_is_imported_and_a_config_file_trains(data, tmp_path):
+    settings = tmp_path / "best.json"  # as `lstmgen tune` writes it; the flags given win
+    settings.write_text(json.dumps({"hidden": 40, "embed": 12, "lr": 0.01, "max_steps": 500}))
     code = ("import sys\nfrom lstmgen.cli import main\n"
             f"sys.argv = ['lstmgen', 'train', '--data', {str(data)!r}, '--run', {str(tmp_path / 'run')!r}, '--preset', 'tiny',"
-            " '--workers', '1', '--max-steps', '20', '--eval-every', '20']\n"
+            f" '--config', {str(settings)!r}, '--workers', '1', '--max-steps', '20', '--eval-every', '20']\n"
             "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
             "import lstmgen.train, lstmgen.tune, lstmgen.tracking\n"
             "print('mlflow imported:', any(m == 'mlflow' or m.startswith('mlflow.') for m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mlflow imported: False" in result.stdout
-    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (saved["hidden"], saved["embed"], saved["lr"], saved["max_steps"]) == (40, 12, 0.01, 20)
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [20]

@@ -28,8 +28,8 @@ from lstmgen.windows import SplitReader, pieces_of, read_split
 
 from .conftest import peak_memory
 
-ROW_KEYS = {"step", "train_bpc", "train_steps", "lr", "chars_per_s", "elapsed_s", "resumed_from", "workers", "val_bpc",
-            "holder"}
+ROW_KEYS = {"step", "train_bpc", "train_steps", "lr", "chars_per_s", "elapsed_s", "budget_used", "time", "resumed_from", "workers",
+            "val_bpc", "holder"}
 
 
 def test_train_loop_in_process_learns_checkpoints_and_writes_every_row(ray_local, wiki_slice, tmp_path):
@@ -40,7 +40,8 @@ def test_train_loop_in_process_learns_checkpoints_and_writes_every_row(ray_local
     metrics = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [20, 40, 44] and metrics["step"] == 44
-    assert all(set(r) == ROW_KEYS for r in rows) and all(r["workers"] == 2 for r in rows)
+    assert all(set(r) == ROW_KEYS | {"sample"} for r in rows)  # a checkpoint with each row, and a sample with each checkpoint
+    assert all(r["workers"] == 2 for r in rows) and [r["budget_used"] for r in rows] == [20 / 44, 40 / 44, 1.0]
     assert [r["train_steps"] for r in rows] == [20, 20, 4] and short_rows(rows) == rows[-1:]  # plotted apart
     assert rows[1]["train_bpc"] < rows[0]["train_bpc"] - 0.5 and rows[1]["val_bpc"] < rows[0]["val_bpc"]  # it learns
     assert checkpoint.latest_intact(str(run)).step == 44  # the last steps got their checkpoint
@@ -224,6 +225,7 @@ def test_training_loader_memory_does_not_grow_with_the_corpus(corpora):
         return steps
 
     peaks = {name: peak_memory(lambda n=name: one_epoch(n)) for name in ("small", "large")}
+    print(peaks)
     assert peaks["large"] <= 1.5 * peaks["small"], peaks
 
 
