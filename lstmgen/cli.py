@@ -198,13 +198,13 @@ def tune(**given) -> None:
                      search_seed=given["search_seed"], baseline=given["baseline"], resume=given["resume"])
     from lstmgen import tune as search
 
-    search.check(cfg, embedded=not (given.get("address") or os.environ.get("RAY_ADDRESS")))  # before Ray starts
+    parsed = search.check(cfg, embedded=not (given.get("address") or os.environ.get("RAY_ADDRESS")))  # before Ray starts
     # Embedded Ray: logical CPUs beyond the trials' workers, one for Ray Data and one per trial, so a
     # trial never waits for the placement group of a trial stopped before it to be removed (Ray
     # Train's cleaner removes it, minutes late on a loaded machine). What trains at once is still
     # --max-concurrent x --workers, which `check` held to the cores.
     _setup(None, given.get("address"), workers=cfg.max_concurrent * base.workers + 1 + cfg.trials)
-    table = search.run_search(cfg)
+    table = search.run_search(cfg, parsed)
     typer.echo(search.table_text(table))
     best = storage.join(cfg.run, "best.json")
     typer.echo(f"tune: {sum(r['status'] == 'stopped early' for r in table)} of {len(table)} trials stopped early; "
@@ -220,10 +220,9 @@ app.command()(tune)
 def _train_config(given: dict) -> TrainConfig:
     """The TrainConfig of ``train``'s flags (``tune`` takes the same ones): the preset, then the
     --config file, then the flags given."""
-    from lstmgen.config import settings_file
+    from lstmgen.config import NOT_IN_A_CONFIG_FILE, settings_file
 
-    flags = {k: v for k, v in given.items() if k not in ("data", "run", "resume", "preset", "config_file", "s3_endpoint", "address")
-             and k in TrainConfig.__dataclass_fields__}
+    flags = {k: v for k, v in given.items() if k in TrainConfig.__dataclass_fields__ and k not in NOT_IN_A_CONFIG_FILE}
     flags["workers"], flags["workers_max"] = parse_workers(given["workers"]) if given.get("workers") is not None else (None, None)
     path = given.get("config_file")
     settings = settings_file(path, storage.read_text(path)) if path else None

@@ -141,7 +141,7 @@ def check(cfg: TuneConfig, embedded: bool) -> dict[str, tuple[str, list]]:
     return parsed
 
 
-def run_search(cfg: TuneConfig) -> list[dict]:
+def run_search(cfg: TuneConfig, parsed: dict[str, tuple[str, list]]) -> list[dict]:
     """The driver, after ``check``: the cluster's capacity, then the Tuner (new or restored), then
     the table and best.json."""
     from ray import tune
@@ -151,7 +151,6 @@ def run_search(cfg: TuneConfig) -> list[dict]:
     from lstmgen import capacity
 
     base = cfg.train
-    parsed = parse_search(cfg.search, base)
     bundle, _ = capacity.bundle_for(base.gpu)
     capacity.require("tune", bundle, cfg.max_concurrent * base.workers, base.wait_timeout)  # more trials at once than it can hold
     capacity.require_shared_storage({"--data": base.data, "--run": cfg.run}, base.shared_fs)

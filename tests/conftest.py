@@ -59,6 +59,15 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def prepare_slice(root: Path, chars: int) -> Path:
+    """The first ``chars`` characters of WikiText-2's test split prepared by the real CLI (with a
+    valid split): the data a test module's runs train on."""
+    (root / "corpus.txt").write_text(wiki_text(chars), encoding="utf-8")
+    result = run_cli("prepare", "--corpus", str(root / "corpus.txt"), "--out", str(root / "data"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "data"
+
+
 def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     """Assert a failed command printed one 'error:' line naming the fragments, and no traceback."""
     assert result.returncode != 0, result.stdout + result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli, wiki_text
+from .conftest import prepare_slice, run_cli
 from .s3server import free_port
 
 pytestmark = pytest.mark.slow
@@ -19,11 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tracking")
-    (root / "corpus.txt").write_text(wiki_text(100_000), encoding="utf-8")
-    result = run_cli("prepare", "--corpus", str(root / "corpus.txt"), "--out", str(root / "data"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "data"
+    return prepare_slice(tmp_path_factory.mktemp("tracking"), 100_000)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,12 @@ from lstmgen.config import TrainConfig
 from lstmgen.errors import LstmgenError
 from lstmgen.tune import parse_search
 
-from .conftest import one_line_error, run_cli, wiki_text
+from .conftest import one_line_error, prepare_slice, run_cli
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tune")
-    (root / "corpus.txt").write_text(wiki_text(150_000), encoding="utf-8")
-    result = run_cli("prepare", "--corpus", str(root / "corpus.txt"), "--out", str(root / "data"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "data"
+    return prepare_slice(tmp_path_factory.mktemp("tune"), 150_000)
 
 
 def _rows(run: Path) -> list[dict]:
