@@ -15,6 +15,7 @@ It prints (a)-(c) side by side, the breakdown per step, and the start-up milesto
 (seconds from the command's start to each stage, up to the first step).
 
     python bench/step_time.py [--workers 1 2] [--steps 2000] [--from-step 200] [--gpu]
+    python bench/step_time.py --allreduce ROUNDS [--workers 2] [--steps 800]   # the all-reduce alone
 
 On a GPU machine (``--gpu``) each plain loop and each job worker takes one GPU.
 """
@@ -41,11 +42,13 @@ COMPUTE = ("forward", "backward", "optimizer")
 
 def plain_loop(data: str, steps: int, from_step: int, threads: int, gpu: bool, ddp: str) -> None:
     """One plain training loop, the job's step without Ray (run in its own process); with ``ddp``
-    (RANK,WORLD,PORT) one of WORLD such loops joined by DistributedDataParallel over torch.distributed."""
+    (RANK,WORLD,PORT,HOW) one of WORLD such loops joined by DistributedDataParallel over
+    torch.distributed, the gradients all-reduced by gloo (HOW ``gloo``) or as the job does it
+    (``job``: through shared memory where the workers share a machine's CPUs)."""
     import torch
     import torch.distributed as dist
 
-    from lstmgen import steptime
+    from lstmgen import allreduce, steptime
     from lstmgen.config import TrainConfig
     from lstmgen.corpus import Vocab
     from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, default_precision, detach
@@ -61,10 +64,12 @@ def plain_loop(data: str, steps: int, from_step: int, threads: int, gpu: bool, d
                                  dropout=cfg.dropout, embed_dropout=cfg.embed_dropout, cell=cfg.cell)).to(device)
     opt = model.optimizer(cfg.lr, cfg.weight_decay)
     if ddp:
-        rank, world, port = map(int, ddp.split(","))
+        *numbers, how = ddp.split(",")
+        rank, world, port = map(int, numbers)
         dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        model = torch.nn.parallel.DistributedDataParallel(model)
-        steptime.time_gradient_allreduce(model, clock := steptime.StepClock(device, rank))
+        model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        reduce = allreduce.gradient_allreduce(model, device, rank, world) if how == "job" else None
+        allreduce.register(model, reduce, world, clock := steptime.StepClock(device, rank))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=default_precision(device) == "bf16")
     ids = window_ids(read_split(data, "train")).astype(np.int64)
     seq = 64
@@ -93,16 +98,16 @@ def plain_loop(data: str, steps: int, from_step: int, threads: int, gpu: bool, d
         dist.destroy_process_group()
 
 
-def ceiling(data: str, n: int, steps: int, from_step: int, gpu: bool, ddp: bool = False) -> list[dict]:
+def ceiling(data: str, n: int, steps: int, from_step: int, gpu: bool, ddp: str = "") -> list[dict]:
     """N plain loops at once, each pinned to its share of the cores; their step_times. With ``ddp``
-    the N loops are one DDP job (torch.distributed, no Ray)."""
+    (``gloo`` or ``job``, see ``plain_loop``) the N loops are one DDP job (torch.distributed, no Ray)."""
     cores = sorted(os.sched_getaffinity(0))
     threads = max(1, len(cores) // n)
     procs, port = [], 29500 + os.getpid() % 1000
     for i in range(n):
         env = dict(os.environ, LSTMGEN_STEP_TIMES=str(from_step), CUDA_VISIBLE_DEVICES=str(i) if gpu else "")
         cmd = [sys.executable, __file__, "--plain", data, "--steps", str(steps), "--from-step", str(from_step),
-               "--threads", str(threads)] + (["--gpu"] if gpu else []) + (["--ddp", f"{i},{n},{port}"] if ddp else [])
+               "--threads", str(threads)] + (["--gpu"] if gpu else []) + (["--ddp", f"{i},{n},{port},{ddp}"] if ddp else [])
         mine = cores[i * threads:(i + 1) * threads] or cores
         procs.append(subprocess.Popen(["taskset", "-c", ",".join(map(str, mine))] + cmd, env=env,
                                       stdout=subprocess.PIPE, text=True))
@@ -158,6 +163,22 @@ def report(n: int, plain: list[dict], untimed: list[dict], timed: list[dict], st
         print("start-up, seconds from the command's start: " + ", ".join(f"{k} {v:.1f}" for k, v in startup.items()))
 
 
+def compare_allreduce(data: str, n: int, steps: int, from_step: int, gpu: bool, rounds: int) -> None:
+    """N plain loops: alone, joined by DDP with gloo's all-reduce, and joined as the job joins its
+    workers (shared memory on one machine's CPUs), alternated; steps/s and ms per step per part."""
+    print(f"{'':26} {'steps/s':>8} {'of plain':>8}  ms/step: forward backward allreduce-wait allreduce optimizer")
+    for _ in range(rounds):
+        base = None
+        for how in ("", "gloo", "job"):
+            times = ceiling(data, n, steps, from_step, gpu, ddp=how)
+            slowest = min(rate(t) for t in times)
+            base = base or slowest
+            parts = times[0]["parts"]
+            ms = " ".join(f"{parts.get(k, 0.0) / times[0]['steps'] * 1e3:6.2f}"
+                          for k in ("forward", "backward", "allreduce wait", "allreduce", "optimizer"))
+            print(f"{how and 'DDP, ' + how or 'plain, alone':26} {slowest:8.2f} {slowest / base:8.2f}  {ms}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -166,6 +187,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--data", default="", help="prepared data (default: wiki.test.raw, prepared here)")
     ap.add_argument("--train-args", default="", help="extra flags for lstmgen train")
+    ap.add_argument("--allreduce", type=int, default=0, metavar="ROUNDS",
+                    help="instead: the plain loops, alone and joined by DDP over gloo and as the job all-reduces, ROUNDS times")
     ap.add_argument("--plain", default="", help=argparse.SUPPRESS)  # one plain loop, in a subprocess
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ddp", default="", help=argparse.SUPPRESS)
@@ -179,6 +202,8 @@ def main() -> None:
         if not data:
             data = f"{tmp}/data"
             subprocess.run(LSTMGEN + ["prepare", "--corpus", str(WIKI), "--out", data], check=True, capture_output=True)
+        if args.allreduce:
+            return compare_allreduce(data, max(args.workers), args.steps, args.from_step, args.gpu, args.allreduce)
         for n in args.workers:
             plain = ceiling(data, n, args.steps, args.from_step, args.gpu)
             untimed, startup, seconds = job(data, f"{tmp}/run{n}a", n, args.steps, f"{args.from_step},wall", args.gpu,

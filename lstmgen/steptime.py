@@ -72,6 +72,11 @@ def print_startup() -> None:
 class StepClock:
     """Lap times of the training loop from step ``ENV`` on, per part; a no-op when off."""
 
+    @property
+    def timing(self) -> bool:
+        """Every part is lapped (not only the wall time)."""
+        return self.from_step >= 0 and self.laps
+
     def __init__(self, device: torch.device, rank: int) -> None:
         setting = os.environ.get(ENV, "")
         self.from_step = int(setting.split(",")[0] or 0) if setting else -1
@@ -116,27 +121,3 @@ class StepClock:
     def _wait(self) -> None:
         if self.sync:
             torch.cuda.synchronize()
-
-
-def time_gradient_allreduce(model: torch.nn.Module, clock: StepClock) -> None:
-    """Time DDP's gradient all-reduce as its own part: a communication hook that averages each
-    bucket with a plain, waited-for all-reduce (what DDP's default hook does, without the overlap
-    a GPU could give it) and laps the clock around it. A one-number all-reduce before it times
-    the wait for the slowest worker apart from the transfer. The backward's own compute is the
-    lap before it."""
-    if clock.from_step < 0 or not clock.laps or not hasattr(model, "register_comm_hook"):
-        return
-    import torch.distributed as dist
-
-    def hook(_state, bucket):
-        clock.lap("backward")
-        dist.all_reduce(torch.zeros(1, device=bucket.buffer().device))  # waits for the slowest worker
-        clock.lap("allreduce wait")
-        buffer = bucket.buffer().div_(dist.get_world_size())
-        dist.all_reduce(buffer)
-        clock.lap("allreduce")
-        future: torch.futures.Future = torch.futures.Future()
-        future.set_result(buffer)
-        return future
-
-    model.register_comm_hook(None, hook)

@@ -1,7 +1,7 @@
 """Train job: Ray Train data-parallel workers over the explicit LSTM.
 
 Reads top to bottom. ``train`` (the driver) checks the data, the run directory and the cluster's
-capacity, then hands Ray Train a Ray Data dataset of pieces of windows. ``train_loop`` runs on
+capacity, then hands the work to Ray Train. ``train_loop`` runs on
 every worker: restore the newest checkpoint if there is one, then one ``for`` loop over
 ``agreed_batches`` (the batches every worker agrees to train on, and where all of them stop): set
 the LR (warmup, then cosine over the step or time budget), forward with the LSTM state carried
@@ -35,13 +35,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lstmgen import capacity, checkpoint, lease, steptime, storage, tracking
+from lstmgen import allreduce, capacity, checkpoint, lease, steptime, storage, tracking
 from lstmgen.config import TrainConfig
 from lstmgen.corpus import Vocab
 from lstmgen.errors import LstmgenError
 from lstmgen.evaluate import carried_bits
 from lstmgen.model import CharLSTM, ModelConfig, bits_per_char, default_precision, detach
-from lstmgen.windows import SplitReader, Stream, check_prepared, collate, pieces_of, window_ids
+from lstmgen.windows import SplitReader, Stream, check_prepared, collate, window_ids, worker_pieces
 
 PIECE_WINDOWS = 4096  # the most windows in a piece a worker reads at a time (256 K characters at seq_len 64)
 NOTICE_EVERY_S = 1.0  # how often the workers ask Ray Train for a reclaim notice (a spot node's drain)
@@ -86,17 +86,14 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
 
     fs, run_path = storage.resolve(cfg.run)
     storage_path, name = run_path.rsplit("/", 1)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the workers print their own progress
-    # Ray Data shards the windows as pieces of consecutive windows (a few numbers per row); each
-    # worker reads its pieces from Parquet itself as it trains (``epoch_batches``). So nothing is
-    # read before the first step, nothing is read ahead into the object store, and memory is a
-    # few pieces per worker whatever the corpus size.
+    # Each worker computes its own share of the windows (``worker_pieces``) and reads it from
+    # Parquet as it trains (``epoch_batches``): nothing is read before the first step, and memory
+    # is a few pieces per worker whatever the corpus size. No Ray Data here: its split coordinator,
+    # dataset manager and stats actors would each wake 100 times a second on the cores that train.
     windows = manifest["splits"]["train"]["windows"]
     most = max(cfg.workers, cfg.workers_max)
     streams = most * (cfg.batch_size if cfg.carry_state else 1)  # every stream gets a piece
-    ds = ray.data.from_items(pieces_of(windows, min(PIECE_WINDOWS, windows // streams)))
-    if not cfg.carry_state:
-        ds = ds.random_shuffle()  # a new order of pieces every epoch; windows are shuffled within a piece
+    piece_windows = min(PIECE_WINDOWS, windows // streams)
 
     # Embedded Ray: split this machine's cores between the workers. On a cluster each worker
     # keeps the threads Ray gives its actor (OMP_NUM_THREADS from its CPU share).
@@ -107,7 +104,7 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
     loop_config = {"train": asdict(cfg), "vocab": vocab.tokens, "seq_len": manifest["seq_len"],
                    "has_valid": manifest["splits"].get("valid", {}).get("windows", 0) > 0,
                    "threads": threads, "cluster": not embedded(), "milestones": steptime.milestones(), "holder": holder,
-                   "mlflow_run": mlflow_run}
+                   "mlflow_run": mlflow_run, "windows": windows, "piece_windows": piece_windows}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -124,7 +121,6 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks),
         ),
-        datasets={"train": ds},
     )
     workers = f"{cfg.workers}-{cfg.workers_max} (elastic)" if cfg.elastic else str(cfg.workers)
     print(f"train: {workers} worker(s) x batch {cfg.batch_size} x {manifest['seq_len']} chars -> {cfg.run}")
@@ -277,10 +273,12 @@ def train_loop(config: dict) -> None:
         model.load_state_dict(state["model"])
         if rank == 0:
             print(f"train: resumed from step {progress.step}", flush=True)
-    model = ray.train.torch.prepare_model(model)  # Ray: DistributedDataParallel on the right device
+    model = ray.train.torch.prepare_model(  # Ray: DistributedDataParallel on the right device
+        model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})  # the gradients live in DDP's buckets: no copies
     raw_model = model.module if hasattr(model, "module") else model
     clock = steptime.StepClock(device, rank)
-    steptime.time_gradient_allreduce(model, clock)
+    # workers on one machine's CPUs all-reduce the gradients through shared memory, not gloo's TCP
+    allreduce.register(model, allreduce.gradient_allreduce(raw_model, device, rank, world), world, clock)
     opt = raw_model.optimizer(cfg.lr, cfg.weight_decay)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -290,15 +288,15 @@ def train_loop(config: dict) -> None:
         print(f"train: {precision} on {device.type}" + ("" if cfg.precision else " (--precision: the default here)"))
 
     # data: this worker's pieces of the windows, read from Parquet as the streams need them
-    shard = ray.train.get_dataset_shard("train")  # Ray: this worker's share of the pieces
     train_split = SplitReader(cfg.data, "train")
     valid = SplitReader(cfg.data, "valid") if config["has_valid"] else None  # read at each evaluation
     rng = np.random.default_rng(cfg.seed + progress.step)  # the same on every worker
     reporter = Reporter(cfg, rank, world, device, amp, raw_model, opt, model_cfg, vocab, seq_len, valid, config["holder"],
                         config.get("mlflow_run", ""))
 
-    def epoch():
-        return epoch_batches(shard, train_split, cfg, seq_len, rng)
+    def epoch():  # every worker starts an epoch at the same step, so their shares never overlap
+        listed = worker_pieces(config["windows"], config["piece_windows"], rank, world, seed=(cfg.seed, progress.step))
+        return epoch_batches(listed, train_split, cfg, seq_len, rng)
 
     def time_used() -> float:  # the time fraction of the budget
         if progress.started is None:
@@ -380,12 +378,12 @@ def agreed_batches(epoch, step, time_used, notice, cfg: TrainConfig, world: int,
     the larger of it and the step fraction, which every worker knows alike), so that all stop at
     the same step; how many of the round's batches every worker has, so that an epoch ends for all
     when the shortest shard runs out and no worker waits in the gradient all-reduce while another
-    waits at Ray Data's epoch barrier; and whether ``NOTICE_EVERY_S`` has passed on any worker since
+    waits at the start of the next epoch; and whether ``NOTICE_EVERY_S`` has passed on any worker since
     the workers last asked ``notice()`` (Ray Train's reclaim notice, which every worker must ask at
     the same step). ``reclaim`` is a notice that was not there when last asked, with the first
     batch after it; otherwise None (a notice that stays is acted on once; one that is withdrawn and
     comes again, again). When an epoch ends, each worker drops the rest of its batches unread
-    (``epoch_batches`` has already taken its whole shard from Ray Data) and ``epoch()`` starts the
+    and ``epoch()`` starts the
     next one.
     """
     clock = clock or steptime.StepClock(device, 0)
@@ -498,9 +496,10 @@ def _print_worker_nodes(node: str, rank: int, world: int) -> None:
         print(f"train: worker {r} of {world} on node {n}", flush=True)
 
 
-def epoch_batches(shard, train_split: SplitReader, cfg: TrainConfig, seq_len: int, rng: np.random.Generator):
-    """One epoch of (inputs, targets) from this worker's shard: pieces of consecutive windows,
-    each read from Parquet only when it is needed.
+def epoch_batches(listed: list[dict], train_split: SplitReader, cfg: TrainConfig, seq_len: int,
+                  rng: np.random.Generator):
+    """One epoch of (inputs, targets) from this worker's pieces of consecutive windows (``listed``,
+    from ``worker_pieces``), each read from Parquet only when it is needed.
 
     ``carry_state``: ``batch_size`` streams of contiguous text read ``seq_len`` characters at a
     time, so the LSTM state is carried from one batch to the next (truncated backpropagation
@@ -515,11 +514,8 @@ def epoch_batches(shard, train_split: SplitReader, cfg: TrainConfig, seq_len: in
     Otherwise: each piece's windows shuffled, in batches that each start from zero state (the
     pieces come in a new order every epoch).
 
-    The shard's piece list is read whole at the start (Ray Data's epoch ends for this worker
-    there), so a worker whose epoch the others end early stops reading at once: nothing more is
-    decoded.
+    A worker whose epoch the others end early stops reading at once: nothing more is decoded.
     """
-    listed = list(shard.iter_rows())  # Ray Data: this worker's pieces for the epoch, a few numbers each
     tables = (train_split.read(piece["start"], piece["stop"]) for piece in listed)  # each read when it is needed
     if not cfg.carry_state:
         for table in tables:

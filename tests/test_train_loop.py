@@ -1,6 +1,6 @@
 """The training loop: a run in process (Ray Train with two workers on the fast tier's local Ray),
-the protocol by which the workers agree on every step, and the loader that feeds them (real Ray
-Data, real Parquet)."""
+the protocol by which the workers agree on every step, and the loader that feeds them (real
+Parquet)."""
 
 import json
 import os
@@ -24,7 +24,7 @@ from lstmgen.errors import LstmgenError
 from lstmgen.prepare import prepare
 from lstmgen.report import short_rows
 from lstmgen.train import agreed_batches, epoch_batches, train
-from lstmgen.windows import SplitReader, pieces_of, read_split
+from lstmgen.windows import SplitReader, pieces_of, read_split, worker_pieces
 
 from .conftest import peak_memory
 
@@ -147,10 +147,23 @@ def test_a_reclaim_notice_is_yielded_when_it_comes_and_again_only_after_it_was_w
     assert [reclaim for _, _, reclaim in steps] == [None, None, "reclaim", None, None, "again", None, None, None, None]
 
 
-def _shard(data: str, size: int, shuffle: bool = False):
-    """A real Ray Data iterator over the pieces of a split's windows, as ``train`` builds it."""
-    ds = ray.data.from_items(pieces_of(SplitReader(data, "train").windows, size))
-    return (ds.random_shuffle(seed=0) if shuffle else ds).iterator()
+def _pieces(data: str, size: int, shuffle: bool = False) -> list[dict]:
+    """One worker's pieces of a split's windows, as ``train_loop`` takes them (the text's order, or shuffled)."""
+    return worker_pieces(SplitReader(data, "train").windows, size, 0, 1, seed=0 if shuffle else None)
+
+
+def test_workers_share_each_epoch_without_overlap_in_a_new_order():
+    windows, size = 10_007, 100
+    everything = pieces_of(windows, size)
+    for world in (1, 2, 3):
+        shares = [worker_pieces(windows, size, rank, world, seed=(1, 0)) for rank in range(world)]
+        starts = [p["start"] for share in shares for p in share]
+        assert len({len(share) for share in shares}) == 1  # as many pieces each
+        assert len(starts) == len(set(starts)) > len(everything) - world  # no piece twice, at most world-1 left out
+        assert all(p in everything for share in shares for p in share)
+    first, second = worker_pieces(windows, size, 0, 2, seed=(1, 0)), worker_pieces(windows, size, 0, 2, seed=(1, 500))
+    assert first != second and first == worker_pieces(windows, size, 0, 2, seed=(1, 0))  # a new epoch, a new share; the same seed, the same
+    assert worker_pieces(windows, size, 0, 1) == everything  # no seed: the text's order
 
 
 def test_carried_state_streams_are_the_text_in_order(corpora):
@@ -161,7 +174,7 @@ def test_carried_state_streams_are_the_text_in_order(corpora):
     offset = int(rng.integers(0, 16))
     listed = pieces_of(SplitReader(data, "train").windows, 100)
     order = rng.permutation(len(listed))  # the epoch's order of the pieces
-    batches = list(epoch_batches(_shard(data, 100), SplitReader(data, "train"), cfg, 16, np.random.default_rng(3)))
+    batches = list(epoch_batches(_pieces(data, 100), SplitReader(data, "train"), cfg, 16, np.random.default_rng(3)))
     pieces = [(16 * listed[i]["start"], 16 * listed[i]["stop"]) for i in order]  # in characters, in the epoch's order
     assert len(batches) > 100 and all(x.shape == (4, 16) for x, _ in batches)
     second = []
@@ -183,7 +196,7 @@ def test_carried_state_streams_jump_only_between_pieces(corpora):
     data, text = corpora["small"]
     vocab = Vocab.from_json(open(f"{data}/vocab.json").read())
     cfg = TrainConfig(data=data, run="", batch_size=4, carry_state=True)
-    batches = list(epoch_batches(_shard(data, 100, shuffle=True), SplitReader(data, "train"), cfg, 16, np.random.default_rng(1)))
+    batches = list(epoch_batches(_pieces(data, 100, shuffle=True), SplitReader(data, "train"), cfg, 16, np.random.default_rng(1)))
     assert len(batches) > 100
     for row in range(4):
         stream = vocab.decode(np.concatenate([x[row].numpy() for x, _ in batches]))
@@ -203,7 +216,7 @@ def test_shuffled_windows_cover_the_epoch_once(corpora):
     cfg = TrainConfig(data=data, run="", batch_size=8, carry_state=False)
     windows = read_split(data, "train")
     rows = Counter(tuple(r) for r in windows.column("ids").to_pylist())
-    seen = [tuple(x[i].tolist()) + (int(y[i, -1]),) for x, y in epoch_batches(_shard(data, 1000, shuffle=True),
+    seen = [tuple(x[i].tolist()) + (int(y[i, -1]),) for x, y in epoch_batches(_pieces(data, 1000, shuffle=True),
                                                                               SplitReader(data, "train"), cfg, 16,
                                                                               np.random.default_rng(0)) for i in range(8)]
     full = Counter(s for s in seen if s[-1] != -100)  # short windows end in padding
@@ -220,7 +233,7 @@ def test_training_loader_memory_does_not_grow_with_the_corpus(corpora):
     def one_epoch(name: str) -> int:
         data = corpora[name][0]
         text = SplitReader(data, "train")
-        steps = sum(1 for _ in epoch_batches(_shard(data, 256), text, cfg, 16, np.random.default_rng(0)))
+        steps = sum(1 for _ in epoch_batches(_pieces(data, 256), text, cfg, 16, np.random.default_rng(0)))
         assert steps >= text.windows // 8 * 0.9  # the whole epoch was read
         return steps
 
