@@ -16,6 +16,7 @@ It prints (a)-(c) side by side, the breakdown per step, and the start-up milesto
 
     python bench/step_time.py [--workers 1 2] [--steps 2000] [--from-step 200] [--gpu]
     python bench/step_time.py --allreduce ROUNDS [--workers 2] [--steps 800]   # the all-reduce alone
+    python bench/step_time.py --idle-actors K [--workers 2] [--steps 800]      # what idle Ray actors cost
 
 On a GPU machine (``--gpu``) each plain loop and each job worker takes one GPU.
 """
@@ -95,7 +96,9 @@ def plain_loop(data: str, steps: int, from_step: int, threads: int, gpu: bool, d
         clock.step_done(step + 1)
     clock.report()
     if ddp:
-        dist.destroy_process_group()
+        dist.barrier()  # then leave: a gloo group torn down while its peer still reports can hang that peer
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def ceiling(data: str, n: int, steps: int, from_step: int, gpu: bool, ddp: str = "") -> list[dict]:
@@ -179,6 +182,31 @@ def compare_allreduce(data: str, n: int, steps: int, from_step: int, gpu: bool, 
             print(f"{how and 'DDP, ' + how or 'plain, alone':26} {slowest:8.2f} {slowest / base:8.2f}  {ms}", flush=True)
 
 
+def idle_actors(data: str, n: int, steps: int, from_step: int, gpu: bool, count: int) -> None:
+    """N plain loops: alone, beside a local Ray with ``count`` idle actors (each a process whose
+    main thread wakes about 100 times a second, as every Ray worker does), and beside the same Ray
+    with the actors gone. What a job's helper actors cost the loops that train, with no training
+    code of Ray's involved."""
+    import ray
+
+    def line(label: str) -> None:
+        times = ceiling(data, n, steps, from_step, gpu)
+        print(f"{label:34} " + " ".join(f"{rate(t):6.2f}" for t in times) + " steps/s", flush=True)
+
+    line("plain loops alone")
+    ray.init(num_cpus=count + n, include_dashboard=False, log_to_driver=False)
+    idle = ray.remote(num_cpus=1)(type("Idle", (), {"ping": lambda self: 1}))
+    actors = [idle.remote() for _ in range(count)]
+    ray.get([a.ping.remote() for a in actors])
+    line(f"beside {count} idle Ray actors")
+    for actor in actors:
+        ray.kill(actor)
+    time.sleep(2)
+    line("beside Ray, the actors gone")
+    ray.shutdown()
+    line("plain loops alone")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -189,6 +217,8 @@ def main() -> None:
     ap.add_argument("--train-args", default="", help="extra flags for lstmgen train")
     ap.add_argument("--allreduce", type=int, default=0, metavar="ROUNDS",
                     help="instead: the plain loops, alone and joined by DDP over gloo and as the job all-reduces, ROUNDS times")
+    ap.add_argument("--idle-actors", type=int, default=0, metavar="K",
+                    help="instead: the plain loops alone and beside K idle Ray actors")
     ap.add_argument("--plain", default="", help=argparse.SUPPRESS)  # one plain loop, in a subprocess
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ddp", default="", help=argparse.SUPPRESS)
@@ -202,6 +232,8 @@ def main() -> None:
         if not data:
             data = f"{tmp}/data"
             subprocess.run(LSTMGEN + ["prepare", "--corpus", str(WIKI), "--out", data], check=True, capture_output=True)
+        if args.idle_actors:
+            return idle_actors(data, max(args.workers), args.steps, args.from_step, args.gpu, args.idle_actors)
         if args.allreduce:
             return compare_allreduce(data, max(args.workers), args.steps, args.from_step, args.gpu, args.allreduce)
         for n in args.workers:

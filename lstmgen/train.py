@@ -88,8 +88,8 @@ def _run_trainer(cfg: TrainConfig, vocab: Vocab, manifest: dict, bundle: dict, u
     storage_path, name = run_path.rsplit("/", 1)
     # Each worker computes its own share of the windows (``worker_pieces``) and reads it from
     # Parquet as it trains (``epoch_batches``): nothing is read before the first step, and memory
-    # is a few pieces per worker whatever the corpus size. No Ray Data here: its split coordinator,
-    # dataset manager and stats actors would each wake 100 times a second on the cores that train.
+    # is a few pieces per worker whatever the corpus size. No Ray Data here: its split coordinator
+    # and stats actors would each wake 100 times a second on the cores that train.
     windows = manifest["splits"]["train"]["windows"]
     most = max(cfg.workers, cfg.workers_max)
     streams = most * (cfg.batch_size if cfg.carry_state else 1)  # every stream gets a piece
