@@ -9,7 +9,7 @@ DDP communication hook, so DDP still owns the buckets, the parameters' broadcast
 the hooks on backward.
 
 Layout of the file: one 64-byte line per worker holding its counter (an int64), then one slot per
-worker of the largest bucket's bytes. Each all-reduce ``k`` (counted alike on every worker):
+worker as large as all the model's gradients (any bucket fits). Each all-reduce ``k`` (counted alike on every worker):
 
     write: wait until every counter >= 2k      (every worker has read call k-1's slots)
            copy my bucket into my slot, counter = 2k + 1
@@ -48,7 +48,8 @@ class SharedMemoryAllReduce:
 
     def __init__(self, path: str, rank: int, world: int, slot_bytes: int, create: bool,
                  timeout_s: float = WAIT_TIMEOUT_S) -> None:
-        self.rank, self.world, self.slot_bytes, self.timeout_s, self.calls = rank, world, slot_bytes, timeout_s, 0
+        self.path, self.rank, self.world, self.slot_bytes, self.timeout_s = path, rank, world, slot_bytes, timeout_s
+        self.calls = 0
         size = LINE * world + slot_bytes * world
         fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
@@ -136,7 +137,7 @@ def gradient_allreduce(model: torch.nn.Module, device: torch.device, rank: int, 
     ok = usable(device, (LINE + gradient_bytes(model)) * world)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, (ok, _machine() if ok else ""))
-    if not all(ok and where == everyone[0][1] for ok, where in everyone):
+    if not all(able and where == everyone[0][1] for able, where in everyone):
         return None  # some worker on another machine, a GPU, or not x86-64
     return open_group(model, rank, world)
 

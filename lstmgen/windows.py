@@ -318,19 +318,27 @@ def _first_line(exc: BaseException) -> str:
 def pieces_of(windows: int, size: int) -> list[dict]:
     """Cut windows [0, windows) into pieces of about ``size`` consecutive windows (sizes differ
     by at most one): the units training workers share out and read."""
-    n = max(1, -(-windows // max(1, size)))
-    return [{"start": windows * i // n, "stop": windows * (i + 1) // n} for i in range(n)]
+    n = _piece_count(windows, size)
+    return [_piece(windows, n, i) for i in range(n)]
 
 
 def worker_pieces(windows: int, size: int, rank: int, world: int, seed: object = None) -> list[dict]:
-    """Worker ``rank``'s share of an epoch's pieces: every ``world``-th piece of them, in an order
-    shuffled by ``seed`` (given alike on every worker, so the shares never overlap; None keeps
-    the text's order). Every worker gets as many pieces; the last ``len % world`` of the
-    shuffled order wait for another epoch. A few numbers per piece, whatever the corpus size."""
-    pieces = pieces_of(windows, size)
-    if seed is not None:
-        pieces = [pieces[i] for i in np.random.default_rng(seed).permutation(len(pieces))]
-    return pieces[rank:len(pieces) - len(pieces) % world:world]
+    """Worker ``rank``'s share of an epoch's pieces (those of ``pieces_of``): every ``world``-th
+    piece of them, in an order shuffled by ``seed`` (given alike on every worker, so the shares
+    never overlap; None keeps the text's order). Every worker gets as many pieces; the last
+    ``n % world`` of the shuffled order wait for another epoch. Only this worker's pieces are
+    built: a few numbers each."""
+    n = _piece_count(windows, size)
+    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+    return [_piece(windows, n, int(i)) for i in order[rank:n - n % world:world]]
+
+
+def _piece_count(windows: int, size: int) -> int:
+    return max(1, -(-windows // max(1, size)))
+
+
+def _piece(windows: int, n: int, i: int) -> dict:
+    return {"start": windows * i // n, "stop": windows * (i + 1) // n}
 
 
 def split_ids(data: str, split: str, max_chars: int = 0) -> np.ndarray:

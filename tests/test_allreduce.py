@@ -52,7 +52,8 @@ def _two_workers(rank: int, port: int, out: str) -> None:
     hooked = torch.nn.parallel.DistributedDataParallel(hooked_model, gradient_as_bucket_view=True)
     reduce = allreduce.gradient_allreduce(hooked_model, torch.device("cpu"), rank, 2)
     assert isinstance(reduce, allreduce.SharedMemoryAllReduce)  # both workers on this machine's CPUs
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith("lstmgen-allreduce")]  # unlinked once all opened
+    dist.barrier()  # rank 0 unlinks the file once every worker has opened it
+    assert reduce.path.startswith("/dev/shm/") and not os.path.exists(reduce.path)
     allreduce.register(hooked, reduce, 2)
     x = torch.randint(0, 50, (32,), generator=torch.Generator().manual_seed(rank))
     for ddp in (plain, hooked):
