@@ -15,7 +15,7 @@ It prints (a)-(c) side by side, the breakdown per step, and the start-up milesto
 (seconds from the command's start to each stage, up to the first step).
 
     python bench/step_time.py [--workers 1 2] [--steps 2000] [--from-step 200] [--gpu]
-    python bench/step_time.py --allreduce ROUNDS [--workers 2] [--steps 800]   # the all-reduce alone
+    python bench/step_time.py --allreduce ROUNDS [--workers 2] [--steps 800]   # DDP and the all-reduce alone
     python bench/step_time.py --idle-actors K [--workers 2] [--steps 800]      # what idle Ray actors cost
 
 On a GPU machine (``--gpu``) each plain loop and each job worker takes one GPU.
@@ -44,7 +44,8 @@ COMPUTE = ("forward", "backward", "optimizer")
 def plain_loop(data: str, steps: int, from_step: int, threads: int, gpu: bool, ddp: str) -> None:
     """One plain training loop, the job's step without Ray (run in its own process); with ``ddp``
     (RANK,WORLD,PORT,HOW) one of WORLD such loops joined by DistributedDataParallel over
-    torch.distributed, the gradients all-reduced by gloo (HOW ``gloo``) or as the job does it
+    torch.distributed, the gradients not all-reduced (``none``: DDP's own cost), not all-reduced
+    but the workers meeting once a step (``lockstep``), all-reduced by gloo (``gloo``) or as the job does it
     (``job``: through shared memory where the workers share a machine's CPUs)."""
     import torch
     import torch.distributed as dist
@@ -69,8 +70,12 @@ def plain_loop(data: str, steps: int, from_step: int, threads: int, gpu: bool, d
         rank, world, port = map(int, numbers)
         dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        reduce = allreduce.gradient_allreduce(model, device, rank, world) if how == "job" else None
-        allreduce.register(model, reduce, world, clock := steptime.StepClock(device, rank))
+        clock = steptime.StepClock(device, rank)
+        if how in ("none", "lockstep"):
+            _no_allreduce(model, clock, lockstep=how == "lockstep")
+        else:
+            reduce = allreduce.gradient_allreduce(model, device, rank, world) if how == "job" else None
+            allreduce.register(model, reduce, world, clock)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=default_precision(device) == "bf16")
     ids = window_ids(read_split(data, "train")).astype(np.int64)
     seq = 64
@@ -99,6 +104,24 @@ def plain_loop(data: str, steps: int, from_step: int, threads: int, gpu: bool, d
         dist.barrier()  # then leave: a gloo group torn down while its peer still reports can hang that peer
         sys.stdout.flush()
         os._exit(0)
+
+
+def _no_allreduce(model, clock, lockstep: bool) -> None:
+    """DDP with a hook that sums nothing: what DDP alone costs; with ``lockstep``, the workers still
+    meet once a step (a one-number all-reduce), so each waits for the slowest as in the job."""
+    import torch
+    import torch.distributed as dist
+
+    def hook(_state, bucket):
+        clock.lap("backward")
+        if lockstep:
+            dist.all_reduce(torch.zeros(1))
+            clock.lap("allreduce wait")
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    model.register_comm_hook(None, hook)
 
 
 def ceiling(data: str, n: int, steps: int, from_step: int, gpu: bool, ddp: str = "") -> list[dict]:
@@ -167,12 +190,13 @@ def report(n: int, plain: list[dict], untimed: list[dict], timed: list[dict], st
 
 
 def compare_allreduce(data: str, n: int, steps: int, from_step: int, gpu: bool, rounds: int) -> None:
-    """N plain loops: alone, joined by DDP with gloo's all-reduce, and joined as the job joins its
-    workers (shared memory on one machine's CPUs), alternated; steps/s and ms per step per part."""
+    """N plain loops: alone, joined by DDP with no all-reduce, with the workers only kept in step,
+    with gloo's all-reduce, and as the job joins its workers (shared memory on one machine's CPUs),
+    alternated; steps/s and ms per step per part."""
     print(f"{'':26} {'steps/s':>8} {'of plain':>8}  ms/step: forward backward allreduce-wait allreduce optimizer")
     for _ in range(rounds):
         base = None
-        for how in ("", "gloo", "job"):
+        for how in ("", "none", "lockstep", "gloo", "job"):
             times = ceiling(data, n, steps, from_step, gpu, ddp=how)
             slowest = min(rate(t) for t in times)
             base = base or slowest

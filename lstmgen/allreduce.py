@@ -12,7 +12,7 @@ Layout of the file: one 64-byte line per worker holding its counter (an int64), 
 worker as large as all the model's gradients (any bucket fits). Each all-reduce ``k`` (counted alike on every worker):
 
     write: wait until every counter >= 2k      (every worker has read call k-1's slots)
-           copy my bucket into my slot, counter = 2k + 1
+           my bucket / world into my slot, counter = 2k + 1
     read:  wait until every counter >= 2k + 1  (every slot holds call k's gradients)
            sum the slots in rank order, counter = 2k + 2
 
@@ -62,13 +62,18 @@ class SharedMemoryAllReduce:
         self.slots = torch.frombuffer(self.mem, dtype=torch.float32, offset=LINE * world,
                                       count=slot_bytes * world // 4).view(world, -1)
 
-    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
-        """``flat`` (float32, contiguous) becomes the sum over workers, in place."""
+    def __call__(self, flat: torch.Tensor, divisor: int = 1) -> torch.Tensor:
+        """``flat`` (float32, contiguous) becomes the sum over workers of ``flat / divisor``, in
+        place. DDP's own hook divides by the world size before it sums too; here the division
+        is the copy into the slot, so averaging costs no pass of its own over the gradients."""
         n, k = flat.numel(), self.calls
         if n * 4 > self.slot_bytes:
             raise LstmgenError(f"all-reduce of {n * 4} bytes over a {self.slot_bytes}-byte shared slot")
         self._wait_all(2 * k)
-        self.slots[self.rank, :n].copy_(flat)
+        if divisor == 1:
+            self.slots[self.rank, :n].copy_(flat)
+        else:
+            torch.div(flat, divisor, out=self.slots[self.rank, :n])
         self.counters[self.rank] = 2 * k + 1
         self._wait_all(2 * k + 1)
         torch.add(self.slots[0, :n], self.slots[1, :n], out=flat)  # every worker: the same sum, in rank order
@@ -142,17 +147,18 @@ def gradient_allreduce(model: torch.nn.Module, device: torch.device, rank: int, 
     return open_group(model, rank, world)
 
 
-def register(model: torch.nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None, world: int,
+def register(model: torch.nn.Module, reduce: Callable[[torch.Tensor, int], torch.Tensor] | None, world: int,
              clock: steptime.StepClock | None = None) -> None:
-    """DDP's communication hook: each bucket summed by ``reduce`` (None: gloo's or NCCL's
-    all-reduce), then averaged, as DDP's default hook does. With the step clock timing every part,
+    """DDP's communication hook: each bucket averaged over the workers as DDP's default hook
+    does it (divided by the world size, then summed), by ``reduce`` (None: gloo's or NCCL's
+    all-reduce). With the step clock timing every part,
     the hook also laps it: the backward's compute before it, the wait for the slowest worker (a
     one-number all-reduce), then the transfer. Otherwise, with no ``reduce``, DDP keeps its own
     hook, which overlaps the all-reduce with the backward where a GPU can."""
     timed = clock is not None and clock.timing
     if not hasattr(model, "register_comm_hook") or (reduce is None and not timed):
         return
-    total = reduce or _all_reduce
+    average = reduce or _average
 
     def hook(_state, bucket):
         buffer = bucket.buffer()
@@ -160,7 +166,7 @@ def register(model: torch.nn.Module, reduce: Callable[[torch.Tensor], torch.Tens
             clock.lap("backward")
             dist.all_reduce(torch.zeros(1, device=buffer.device))  # waits for the slowest worker
             clock.lap("allreduce wait")
-        total(buffer).div_(world)
+        average(buffer, world)
         if timed:
             clock.lap("allreduce")
         future: torch.futures.Future = torch.futures.Future()
@@ -170,6 +176,6 @@ def register(model: torch.nn.Module, reduce: Callable[[torch.Tensor], torch.Tens
     model.register_comm_hook(None, hook)
 
 
-def _all_reduce(flat: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(flat)
+def _average(flat: torch.Tensor, world: int) -> torch.Tensor:
+    dist.all_reduce(flat.div_(world))
     return flat

@@ -57,13 +57,15 @@ WAIT_TIMEOUT = typer.Option(GenerateConfig.wait_timeout, "--wait-timeout",
                             help="Seconds to wait for the cluster to offer the job's resources.")
 
 
-def _setup(s3_endpoint: Optional[str], address: Optional[str] = None, workers: int = 0, ray: bool = True) -> None:
+def _setup(s3_endpoint: Optional[str], address: Optional[str] = None, workers: int = 0, ray: bool = True,
+           then: tuple[str, ...] = ()) -> None:
+    """``then``: the job's own modules, imported while Ray starts (``init_ray``)."""
     if s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
     if ray:
         from lstmgen.runtime import init_ray
 
-        init_ray(workers=workers, address=address)
+        init_ray(workers=workers, address=address, then=then)
 
 
 def _version(value: bool) -> None:
@@ -161,7 +163,7 @@ def train(
     from lstmgen import steptime
 
     steptime.mark("cli")
-    _setup(s3_endpoint, address, workers=max(cfg.workers, cfg.workers_max))
+    _setup(s3_endpoint, address, workers=max(cfg.workers, cfg.workers_max), then=("lstmgen.train",))
     steptime.mark("ray")
     from lstmgen.train import train as run_train
 
@@ -203,7 +205,7 @@ def tune(**given) -> None:
     # trial never waits for the placement group of a trial stopped before it to be removed (Ray
     # Train's cleaner removes it, minutes late on a loaded machine). What trains at once is still
     # --max-concurrent x --workers, which `check` held to the cores.
-    _setup(None, given.get("address"), workers=cfg.max_concurrent * base.workers + 1 + cfg.trials)
+    _setup(None, given.get("address"), workers=cfg.max_concurrent * base.workers + 1 + cfg.trials, then=("lstmgen.train",))
     table = search.run_search(cfg, parsed)
     typer.echo(search.table_text(table))
     best = storage.join(cfg.run, "best.json")
@@ -287,14 +289,15 @@ def pipeline(
     s3_endpoint: Optional[str] = S3_ENDPOINT,
 ) -> None:
     """The main job in one command: corpus -> prepare -> train -> generate, on an embedded Ray."""
-    from lstmgen import generate as gen
     from lstmgen.prepare import prepare as run_prepare
-    from lstmgen.train import train as run_train
 
     root = storage.absolute(workdir)
     data, run = storage.join(root, "data"), storage.join(root, "run")
     sampling = SampleConfig(length=length)
-    _setup(s3_endpoint, workers=workers)
+    _setup(s3_endpoint, workers=workers, then=("lstmgen.train", "lstmgen.generate"))
+    from lstmgen import generate as gen
+    from lstmgen.train import train as run_train
+
     if not storage.exists(storage.join(data, "manifest.json")):
         run_prepare(PrepareConfig(out=data, corpus=[storage.absolute(c) for c in corpus or []]))
     run_train(train_config(data=data, run=run, workers=workers, max_minutes=minutes,

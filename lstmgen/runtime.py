@@ -7,10 +7,12 @@ first, before any module that imports Ray); it does not import Ray itself."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
 import sys
+import threading
 
 from lstmgen.errors import LstmgenError
 
@@ -57,7 +59,9 @@ def embedded() -> bool:
     return _embedded
 
 
-def init_ray(workers: int = 0, address: str | None = None) -> None:
+def init_ray(workers: int = 0, address: str | None = None, then: tuple[str, ...] = ()) -> None:
+    """Start or join Ray. ``then``: modules the job imports next (torch: about a second), loaded
+    in a thread meanwhile, as most of ``ray.init`` is waiting for Ray's own processes to start."""
     import ray
 
     global _embedded
@@ -79,4 +83,15 @@ def init_ray(workers: int = 0, address: str | None = None) -> None:
         dashboard = os.environ.get("LSTMGEN_DASHBOARD", "1") != "0"
         kwargs.update(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                       dashboard_port=None, _node_ip_address="127.0.0.1")
+    loading = threading.Thread(target=_import, args=(then,), name="lstmgen-import", daemon=True)
+    loading.start()
     ray.init(**kwargs)
+    loading.join()
+
+
+def _import(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001  (the job's own import, a moment later, reports it)
+            return

@@ -20,8 +20,10 @@ import json
 import os
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads while Ray starts (runtime.init_ray): not at this module's import
+    import torch
 
 ENV = "LSTMGEN_STEP_TIMES"
 
@@ -120,4 +122,6 @@ class StepClock:
 
     def _wait(self) -> None:
         if self.sync:
+            import torch
+
             torch.cuda.synchronize()

@@ -40,8 +40,11 @@ def _two_workers(rank: int, port: int, out: str) -> None:
         each = [torch.randn(n, generator=torch.Generator().manual_seed(1000 * call + r)) for r in (0, 1)]
         if rank == 0 and call % 3 == 0:
             time.sleep(0.01)  # rank 0 late to write, too
-        got = slow(each[rank].clone())
-        same.append(bool(torch.equal(got, each[0] + each[1])))  # what gloo's all-reduce gives two workers
+        if call % 2:  # the sum, and the average as DDP's default hook takes it (divided, then summed)
+            got, want = slow(each[rank].clone()), each[0] + each[1]
+        else:
+            got, want = slow(each[rank].clone(), 2), each[0] / 2 + each[1] / 2
+        same.append(bool(torch.equal(got, want)))  # what gloo's all-reduce gives two workers
         reference.append(float(got.sum()))
     # DDP with the hook against DDP without, the same model and data on each rank
     torch.manual_seed(0)
