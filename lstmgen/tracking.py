@@ -102,6 +102,21 @@ def log_row(uri: str, run_id: str, row: dict) -> None:
         print(f"train: could not log to MLflow ({_mlflow_error(uri, exc)})", flush=True)
 
 
+def end_unfinished(uri: str, runs: dict[str, str]) -> None:
+    """A search's trials stopped early never reach ``finish_mlflow`` (Tune ends the trial where it
+    is), nor does a trial whose process died: each run directory's MLflow run still RUNNING gets
+    the status given (KILLED, MLflow's word for a run stopped; FAILED)."""
+    client = _client(uri)
+    for run, status in runs.items():
+        marker = storage.join(run, "mlflow.json")
+        try:
+            kept = json.loads(storage.read_text(marker)) if storage.exists(marker) else {}
+            if kept.get("uri") == uri and client.get_run(kept["run_id"]).info.status == "RUNNING":
+                client.set_terminated(kept["run_id"], status=status)
+        except Exception as exc:  # noqa: BLE001  (the search's table is written; a tracking server down costs a line)
+            print(f"tune: could not end the MLflow run of {run} ({_mlflow_error(uri, exc)})", flush=True)
+
+
 def finish_mlflow(uri: str, run_id: str, checkpoint_path: str | None, ok: bool) -> None:
     """The final checkpoint as the run's artifact ``checkpoint/``, and the run's end status."""
     client = _client(uri)

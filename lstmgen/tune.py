@@ -180,7 +180,13 @@ def run_search(cfg: TuneConfig, parsed: dict[str, tuple[str, list]]) -> list[dic
     print(f"tune: {cfg.trials} trials, {cfg.max_concurrent} at a time, {base.workers} worker(s) each; searching "
           + ", ".join(f"{n}={k}:{v}" for n, (k, v) in parsed.items()))
     results = tuner.fit()
-    return summarize(cfg.run, results, list(parsed))
+    table = summarize(cfg.run, results, list(parsed))
+    if base.mlflow:
+        from lstmgen import tracking
+
+        tracking.end_unfinished(base.mlflow, {r["run"]: "KILLED" if r["status"] == "stopped early" else "FAILED"
+                                              for r in table if r["status"] != "finished"})
+    return table
 
 
 def summarize(root: str, results, searched: list[str]) -> list[dict]:

@@ -98,6 +98,24 @@ def test_a_run_logs_to_tensorboard_and_mlflow_the_rows_of_metrics_jsonl(data, ml
     assert sorted(steps) == [20, 40, 60, 80]
 
 
+def test_a_search_ends_the_mlflow_runs_of_the_trials_it_stopped(mlflow_server, tmp_path):
+    """Tune ends a trial stopped early where it is, so its run never finishes its MLflow run: the
+    search marks those KILLED (a died trial's FAILED), and leaves a finished run as it is."""
+    from mlflow.tracking import MlflowClient
+
+    from lstmgen import tracking
+
+    runs = {name: str(tmp_path / name) for name in ("stopped", "died", "finished", "elsewhere")}
+    ids = {name: tracking.start_mlflow(mlflow_server, "search", run, {"lr": 0.01}) for name, run in runs.items()}
+    client = MlflowClient(tracking_uri=mlflow_server)
+    client.set_terminated(ids["finished"], status="FINISHED")
+    (tmp_path / "elsewhere" / "mlflow.json").write_text(json.dumps({"uri": "http://127.0.0.1:9", "run_id": ids["elsewhere"]}))
+    tracking.end_unfinished(mlflow_server, {runs["stopped"]: "KILLED", runs["died"]: "FAILED", runs["finished"]: "KILLED",
+                                            runs["elsewhere"]: "KILLED", str(tmp_path / "no-mlflow"): "KILLED"})
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"stopped": "KILLED", "died": "FAILED", "finished": "FINISHED", "elsewhere": "RUNNING"}
+
+
 def test_without_mlflow_nothing_of_it_is_imported_and_a_config_file_trains(data, tmp_path):
     settings = tmp_path / "best.json"  # as `lstmgen tune` writes it; the flags given win
     settings.write_text(json.dumps({"hidden": 40, "embed": 12, "lr": 0.01, "max_steps": 500}))
