@@ -17,6 +17,7 @@ It prints (a)-(c) side by side, the breakdown per step, and the start-up milesto
     python bench/step_time.py [--workers 1 2] [--steps 2000] [--from-step 200] [--gpu]
     python bench/step_time.py --allreduce ROUNDS [--workers 2] [--steps 800]   # DDP and the all-reduce alone
     python bench/step_time.py --idle-actors K [--workers 2] [--steps 800]      # what idle Ray actors cost
+    python bench/step_time.py --in-actors ROUNDS [--workers 2] [--steps 800]   # the joined loops inside Ray actors
 
 On a GPU machine (``--gpu``) each plain loop and each job worker takes one GPU.
 """
@@ -231,6 +232,49 @@ def idle_actors(data: str, n: int, steps: int, from_step: int, gpu: bool, count:
     line("plain loops alone")
 
 
+def in_actors(data: str, n: int, steps: int, from_step: int, gpu: bool, rounds: int) -> None:
+    """The N loops joined as the job joins them (DDP, the job's all-reduce): as plain processes, and
+    inside N actors of an embedded Ray started as ``lstmgen train`` starts it, each loop in a
+    thread of its actor as Ray Train runs the training loop, pinned alike. What running inside
+    Ray's worker processes costs, with no Ray Train (its controller and helper actors) involved."""
+    import ray
+
+    from lstmgen.runtime import init_ray
+
+    @ray.remote(num_cpus=1)
+    class Loop:
+        def run(self, rank: int, port: int, cores: list[int], out: str) -> None:
+            import threading
+
+            os.sched_setaffinity(0, cores)
+            os.environ["LSTMGEN_STEP_TIMES"] = str(from_step)
+            sys.stdout = open(f"{out}/{rank}.txt", "w", buffering=1)  # plain_loop leaves through os._exit
+            args = (data, steps, from_step, max(1, len(cores)), gpu, f"{rank},{n},{port},job")
+            loop = threading.Thread(target=plain_loop, args=args)
+            loop.start()
+            loop.join()
+
+    cores = sorted(os.sched_getaffinity(0))
+    threads = max(1, len(cores) // n)
+    print(f"{'':30} {'steps/s':>8} {'of plain':>8}  ms/step: forward backward allreduce-wait allreduce optimizer")
+    init_ray(workers=n)
+    for r in range(rounds):
+        base = min(rate(t) for t in ceiling(data, n, steps, from_step, gpu, ddp="job"))
+        with tempfile.TemporaryDirectory() as out:
+            loops = [Loop.remote() for _ in range(n)]
+            port = 29600 + (os.getpid() + r) % 300
+            ray.wait([loop.run.remote(i, port, cores[i * threads:(i + 1) * threads] or cores, out)
+                      for i, loop in enumerate(loops)], num_returns=n, timeout=30 * 60)
+            times = [_lines(Path(out, f"{i}.txt").read_text(), "step_times")[0] for i in range(n)]
+        parts = times[0]["parts"]
+        ms = " ".join(f"{parts.get(k, 0.0) / times[0]['steps'] * 1e3:6.2f}"
+                      for k in ("forward", "backward", "allreduce wait", "allreduce", "optimizer"))
+        print(f"{'DDP as the job, no Ray':30} {base:8.2f} {1.0:8.2f}", flush=True)
+        print(f"{'the same in Ray actors':30} {min(rate(t) for t in times):8.2f} {min(rate(t) for t in times) / base:8.2f}  {ms}",
+              flush=True)
+    ray.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -243,6 +287,8 @@ def main() -> None:
                     help="instead: the plain loops, alone and joined by DDP over gloo and as the job all-reduces, ROUNDS times")
     ap.add_argument("--idle-actors", type=int, default=0, metavar="K",
                     help="instead: the plain loops alone and beside K idle Ray actors")
+    ap.add_argument("--in-actors", type=int, default=0, metavar="ROUNDS",
+                    help="instead: the loops joined as the job joins them, as processes and inside Ray actors, ROUNDS times")
     ap.add_argument("--plain", default="", help=argparse.SUPPRESS)  # one plain loop, in a subprocess
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ddp", default="", help=argparse.SUPPRESS)
@@ -258,6 +304,8 @@ def main() -> None:
             subprocess.run(LSTMGEN + ["prepare", "--corpus", str(WIKI), "--out", data], check=True, capture_output=True)
         if args.idle_actors:
             return idle_actors(data, max(args.workers), args.steps, args.from_step, args.gpu, args.idle_actors)
+        if args.in_actors:
+            return in_actors(data, max(args.workers), args.steps, args.from_step, args.gpu, args.in_actors)
         if args.allreduce:
             return compare_allreduce(data, max(args.workers), args.steps, args.from_step, args.gpu, args.allreduce)
         for n in args.workers:
