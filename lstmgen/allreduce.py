@@ -151,10 +151,10 @@ def register(model: torch.nn.Module, reduce: Callable[[torch.Tensor, int], torch
              clock: steptime.StepClock | None = None) -> None:
     """DDP's communication hook: each bucket averaged over the workers as DDP's default hook
     does it (divided by the world size, then summed), by ``reduce`` (None: gloo's or NCCL's
-    all-reduce). With the step clock timing every part,
-    the hook also laps it: the backward's compute before it, the wait for the slowest worker (a
-    one-number all-reduce), then the transfer. Otherwise, with no ``reduce``, DDP keeps its own
-    hook, which overlaps the all-reduce with the backward where a GPU can."""
+    all-reduce). With the step clock timing every part, the hook also laps it: the backward's
+    compute before it, the wait for the slowest worker (a one-number all-reduce), then the
+    transfer. Otherwise, with no ``reduce``, DDP keeps its own hook, which overlaps the
+    all-reduce with the backward where a GPU can."""
     timed = clock is not None and clock.timing
     if not hasattr(model, "register_comm_hook") or (reduce is None and not timed):
         return
