@@ -127,7 +127,8 @@ def _no_allreduce(model, clock, lockstep: bool) -> None:
 
 def ceiling(data: str, n: int, steps: int, from_step: int, gpu: bool, ddp: str = "") -> list[dict]:
     """N plain loops at once, each pinned to its share of the cores; their step_times. With ``ddp``
-    (``gloo`` or ``job``, see ``plain_loop``) the N loops are one DDP job (torch.distributed, no Ray)."""
+    (``none``, ``lockstep``, ``gloo`` or ``job``, see ``plain_loop``) the N loops are one DDP job
+    (torch.distributed, no Ray)."""
     cores = sorted(os.sched_getaffinity(0))
     threads = max(1, len(cores) // n)
     procs, port = [], 29500 + os.getpid() % 1000

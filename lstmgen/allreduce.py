@@ -70,10 +70,7 @@ class SharedMemoryAllReduce:
         if n * 4 > self.slot_bytes:
             raise LstmgenError(f"all-reduce of {n * 4} bytes over a {self.slot_bytes}-byte shared slot")
         self._wait_all(2 * k)
-        if divisor == 1:
-            self.slots[self.rank, :n].copy_(flat)
-        else:
-            torch.div(flat, divisor, out=self.slots[self.rank, :n])
+        torch.div(flat, divisor, out=self.slots[self.rank, :n])  # a copy when divisor is 1 (exact), as fast
         self.counters[self.rank] = 2 * k + 1
         self._wait_all(2 * k + 1)
         torch.add(self.slots[0, :n], self.slots[1, :n], out=flat)  # every worker: the same sum, in rank order
